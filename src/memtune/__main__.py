@@ -1,0 +1,5 @@
+import sys
+
+from memtune.cli import main
+
+sys.exit(main())

@@ -1,0 +1,110 @@
+"""`memtune VERB ...`: parse, call the verb's module, print. No logic of its own.
+
+Each verb lives in its own module with `add_arguments(parser)` and
+`run(args) -> int`. A UserError anywhere becomes one line on stderr and exit
+code 2; nothing a user types produces a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from dataclasses import fields
+from typing import Any, Sequence
+
+from memtune.errors import UserError
+
+# verb -> (module, one-line description)
+VERBS: dict[str, tuple[str, str]] = {
+    "train": ("memtune.train_cmd", "fine-tune one configuration and measure it"),
+    "study": ("memtune.study", "run a grid of configurations and write the seed's tables"),
+    "report": ("memtune.report", "tables and plots from a results database"),
+    "estimate": ("memtune.estimate_cmd", "predict peak GPU memory without a GPU"),
+    "fit": ("memtune.fit", "find the configurations that fit a memory budget"),
+    "eval": ("memtune.evaluate_cmd", "accuracy of a model (+ adapter) on a task"),
+    "merge": ("memtune.merge", "fold a LoRA adapter into the base weights and save"),
+}
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per RunConfig field (`lora_rank` -> `--lora-rank`), plus --config.
+
+    Defaults are SUPPRESSed so that only flags the user typed override the YAML.
+    """
+    from memtune.config import RunConfig, field_help
+
+    helps = field_help()
+    parser.add_argument("--config", metavar="YAML", help="a YAML file of config keys; flags override it")
+    for f in fields(RunConfig):
+        flag = "--" + f.name.replace("_", "-")
+        text = helps.get(f.name, "")
+        default_text = f"(default: {f.default})"
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS,
+                                help=f"{text} {default_text}")
+            parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        else:
+            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar="VALUE",
+                                help=f"{text} {default_text}")
+
+
+def config_from_args(args: argparse.Namespace, overrides: dict[str, Any] | None = None):
+    """YAML (if --config) <- flags the user typed <- overrides; validated."""
+    from memtune.config import FIELD_NAMES, from_dict, load_yaml
+
+    values: dict[str, Any] = {}
+    source = "config"
+    if getattr(args, "config", None):
+        values.update(load_yaml(args.config))
+        source = args.config
+    values.update({k: v for k, v in vars(args).items() if k in FIELD_NAMES})
+    values.update(overrides or {})
+    return from_dict(values, source=source)
+
+
+def _usage() -> str:
+    lines = ["usage: memtune VERB [options]   (memtune VERB --help for a verb's options)", "", "verbs:"]
+    lines += [f"  {verb:<9} {description}" for verb, (_, description) in VERBS.items()]
+    return "\n".join(lines)
+
+
+def build_verb_parser(verb: str) -> tuple[argparse.ArgumentParser, Any]:
+    """The parser of one verb; only that verb's module is imported (fast --help)."""
+    module_name, description = VERBS[verb]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"memtune {verb}", description=description)
+    module.add_arguments(parser)
+    return parser, module
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # No network, ever: a hub id must already be in the local cache.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    verb = argv[0]
+    if verb not in VERBS:
+        print(f"memtune: error: unknown verb {verb!r}; expected one of {', '.join(VERBS)}", file=sys.stderr)
+        return UserError.exit_code
+    parser, module = build_verb_parser(verb)
+    args = parser.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except UserError as exc:
+        print(f"memtune {verb}: error: {exc}", file=sys.stderr)
+        return UserError.exit_code
+    except KeyboardInterrupt:
+        print(f"memtune {verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

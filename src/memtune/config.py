@@ -1,0 +1,321 @@
+"""Run configuration: one frozen, typed dataclass, loaded from YAML and flags.
+
+Every knob the seed study varies is a field here, and therefore both a YAML key
+and a command-line flag (`lora_rank` <-> `--lora-rank`). Validation runs once
+over the whole config and reports every problem at once, each naming the field
+and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from memtune.errors import UserError
+
+Quantization = Literal["nf4", "fp4", "int8", "none"]
+ComputeDtype = Literal["auto", "bf16", "fp16", "fp32"]
+Optimizer = Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"]
+LossImpl = Literal["chunked", "full"]
+Attention = Literal["auto", "sdpa", "eager", "flash_attention_2"]
+DataFormat = Literal["auto", "text", "prompt_completion", "gsm8k", "alpaca", "messages"]
+LongPolicy = Literal["truncate", "drop"]
+Device = Literal["auto", "cuda", "cpu"]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # --- model -------------------------------------------------------------
+    # A shape preset (`tiny`, `deepseek-r1-distill-qwen-1.5b`, ... see
+    # `memtune.presets`), a local directory with config.json (+ weights), or a
+    # hub id already in the local cache. No network is ever used.
+    model: str = "tiny"
+    # Build the model from its config with random weights: memory and speed do
+    # not depend on weight values, so this measures a 8B model without weights.
+    random_init: bool = False
+    trust_remote_code: bool = False  # off: never run code shipped with a model
+    attention: Attention = "auto"  # auto = sdpa (flash / memory-efficient kernels)
+
+    # --- quantization (bitsandbytes) ---------------------------------------
+    # nf4/fp4 store frozen weights in 4 bits (about 0.53 bytes/param with
+    # double quantization), int8 in 8 bits; none keeps the compute dtype.
+    quantization: Quantization = "nf4"
+    double_quant: bool = True  # quantizes the absmax scales too: -0.37 bit/param
+    compute_dtype: ComputeDtype = "auto"  # auto = bf16 where the device supports it
+
+    # --- LoRA (peft) -------------------------------------------------------
+    lora: bool = True  # False = full fine-tuning (only with quantization none)
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    # "default" = peft's default for the architecture (q_proj, v_proj for
+    # Qwen2/Llama), "all-linear", or a list of module names.
+    lora_targets: Union[str, tuple[str, ...]] = "default"
+
+    # --- memory techniques -------------------------------------------------
+    gradient_checkpointing: bool = True  # recompute activations: less memory, ~30% more time
+    # Keep the checkpointed layer inputs in pinned host memory, copied on a
+    # side stream: GPU activation memory no longer grows with depth.
+    offload_activations: bool = False
+    # Run the MLP over chunks of the sequence so its [tokens, intermediate]
+    # tensors never exist whole. 0 = off; otherwise the chunk length in tokens.
+    tiled_mlp_chunk: int = 0
+    # chunked = never materialise the [tokens, vocab] logits (loss and its
+    # gradient computed a chunk of tokens at a time); full = model's own loss.
+    loss: LossImpl = "chunked"
+    loss_chunk_tokens: int = 4096
+
+    # --- training ----------------------------------------------------------
+    seq_len: int = 16384  # capped to what the data and the model allow
+    batch_size: int = 1
+    grad_accum: int = 1
+    steps: int = 60
+    warmup_steps: int = 5  # steps excluded from the median step time
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    optimizer: Optimizer = "adamw"
+    seed: int = 0
+    device: Device = "auto"
+    # Cap what this run may allocate on the GPU ("24GiB", "16GB", "0.5"
+    # fraction); empty = the whole card. Used by `study` to play a small card.
+    gpu_memory: str = ""
+
+    # --- data --------------------------------------------------------------
+    # "builtin" = the shipped arithmetic word-problem task; otherwise a path to
+    # a JSONL/JSON/CSV/Parquet file, a local dataset directory, or a cached
+    # `datasets` name.
+    data: str = "builtin"
+    data_format: DataFormat = "auto"
+    train_on_prompt: bool = False  # False = loss on the answer tokens only
+    long_examples: LongPolicy = "truncate"
+    packing: bool = False
+    skip_bad_lines: bool = False
+    train_examples: int = 0  # 0 = all
+
+    # --- evaluation --------------------------------------------------------
+    eval: bool = True  # accuracy before and after training on held-out data
+    eval_examples: int = 200
+    eval_batch_size: int = 32
+    max_new_tokens: int = 48
+    answer_regex: str = ""  # custom pattern whose group 1 is the answer
+
+    # --- output ------------------------------------------------------------
+    out: str = ""  # run directory; empty = a new directory under runs/
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if isinstance(data["lora_targets"], tuple):
+            data["lora_targets"] = list(data["lora_targets"])
+        return data
+
+    def config_hash(self) -> str:
+        """Hash of everything that changes what a run measures (not where it writes)."""
+        data = self.to_dict()
+        data.pop("out")
+        text = json.dumps(data, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return from_dict({**self.to_dict(), **changes})
+
+
+FIELD_NAMES = tuple(f.name for f in fields(RunConfig))
+_TYPES = get_type_hints(RunConfig)
+
+# The checks that are about ranges rather than types: field -> (test, allowed).
+_RANGE_CHECKS: dict[str, tuple[Any, str]] = {
+    "lora_rank": (lambda v: v >= 1, "an integer >= 1"),
+    "lora_alpha": (lambda v: v > 0, "a number > 0"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "seq_len": (lambda v: v >= 1, "an integer >= 1"),
+    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "grad_accum": (lambda v: v >= 1, "an integer >= 1"),
+    "steps": (lambda v: v >= 1, "an integer >= 1"),
+    "warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
+    "learning_rate": (lambda v: v > 0, "a number > 0"),
+    "weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "max_grad_norm": (lambda v: v >= 0, "a number >= 0 (0 = no clipping)"),
+    "tiled_mlp_chunk": (lambda v: v >= 0, "an integer >= 0 (0 = off)"),
+    "loss_chunk_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "train_examples": (lambda v: v >= 0, "an integer >= 0 (0 = all)"),
+    "eval_examples": (lambda v: v >= 0, "an integer >= 0"),
+    "eval_batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "model": (lambda v: bool(v.strip()), "a preset name, a local directory or a hub id"),
+    "data": (lambda v: bool(v.strip()), "'builtin' or a path / dataset name"),
+}
+
+
+def _coerce(name: str, value: Any) -> tuple[Any, str | None]:
+    """Convert a YAML/flag value to the field's type; return (value, problem)."""
+    typ = _TYPES[name]
+    origin = get_origin(typ)
+    if origin is Literal:
+        allowed = get_args(typ)
+        if value not in allowed:
+            return value, f"{name}: expected one of {', '.join(map(str, allowed))}; got {value!r}"
+        return value, None
+    if name == "lora_targets":
+        if isinstance(value, str):
+            if "," in value:
+                value = tuple(v.strip() for v in value.split(",") if v.strip())
+            return value, None if value else f"{name}: expected 'default', 'all-linear' or a list of module names; got an empty value"
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v for v in value):
+            return tuple(value), None
+        return value, f"{name}: expected 'default', 'all-linear' or a list of module names; got {value!r}"
+    if typ is bool:
+        if isinstance(value, bool):
+            return value, None
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+            return value.lower() in ("true", "yes", "1", "on"), None
+        return value, f"{name}: expected true or false; got {value!r}"
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            return value, f"{name}: expected an integer; got {value!r}"
+        try:
+            return int(value), None
+        except ValueError:
+            return value, f"{name}: expected an integer; got {value!r}"
+    if typ is float:
+        if isinstance(value, bool):
+            return value, f"{name}: expected a number; got {value!r}"
+        try:
+            return float(value), None
+        except (TypeError, ValueError):
+            return value, f"{name}: expected a number; got {value!r}"
+    if typ is str:
+        if value is None:
+            return "", None
+        if not isinstance(value, (str, int, float)):
+            return value, f"{name}: expected a string; got {value!r}"
+        return str(value), None
+    raise AssertionError(f"no coercion for field {name} of type {typ}")  # a programming error
+
+
+def _cross_field_problems(cfg: RunConfig) -> list[str]:
+    problems = []
+    if not cfg.lora and cfg.quantization != "none":
+        problems.append(
+            f"lora: full fine-tuning (lora false) needs quantization none; bitsandbytes "
+            f"{cfg.quantization} weights are frozen and cannot be trained directly"
+        )
+    if cfg.offload_activations and not cfg.gradient_checkpointing:
+        problems.append("offload_activations: needs gradient_checkpointing true (it offloads the checkpoints)")
+    if cfg.answer_regex:
+        import re
+
+        try:
+            if re.compile(cfg.answer_regex).groups < 1:
+                problems.append("answer_regex: expected a pattern with one capture group for the answer")
+        except re.error as exc:
+            problems.append(f"answer_regex: not a valid regular expression ({exc})")
+    if cfg.gpu_memory:
+        try:
+            parse_memory_size(cfg.gpu_memory)
+        except ValueError as exc:
+            problems.append(f"gpu_memory: {exc}")
+    return problems
+
+
+def from_dict(values: dict[str, Any], source: str = "config") -> RunConfig:
+    """Build and validate a RunConfig; raise UserError listing every problem."""
+    problems = []
+    unknown = sorted(set(values) - set(FIELD_NAMES))
+    for key in unknown:
+        problems.append(f"{source}: unknown key '{key}' (see `memtune train --help` for the keys)")
+    coerced = {}
+    for name in FIELD_NAMES:
+        if name not in values:
+            continue
+        value, problem = _coerce(name, values[name])
+        if problem:
+            problems.append(problem)
+            continue
+        check = _RANGE_CHECKS.get(name)
+        if check and not check[0](value):
+            problems.append(f"{name}: expected {check[1]}; got {value!r}")
+            continue
+        coerced[name] = value
+    if not problems:
+        cfg = RunConfig(**coerced)
+        problems = _cross_field_problems(cfg)
+        if not problems:
+            return cfg
+    raise UserError("; ".join(problems))
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config: file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of config keys at the top level")
+    return data
+
+
+def save_yaml(cfg: RunConfig, path: str | Path) -> None:
+    write_text_atomic(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so a killed run never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory_size(text: str) -> int:
+    """'24GiB' -> bytes. A bare number is bytes. Raises ValueError with the allowed forms."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _UNITS:
+        raise ValueError(f"expected a size such as 24GiB, 16GB or 8000MiB; got {text!r}")
+    value = float(match.group(1)) * _UNITS[unit]
+    if value <= 0:
+        raise ValueError(f"expected a size > 0; got {text!r}")
+    return int(value)
+
+
+def field_help() -> dict[str, str]:
+    """The comment above each field, for --help, read from this file's source."""
+    import inspect
+
+    lines = inspect.getsource(RunConfig).splitlines()
+    helps, pending = {}, []
+    for line in lines:
+        stripped = line.strip()
+        if stripped.startswith("# ---"):
+            pending = []
+        elif stripped.startswith("#"):
+            pending.append(stripped.lstrip("# "))
+        elif ":" in stripped and not stripped.startswith(("def", "@", "class", "return", '"""')):
+            name = stripped.split(":")[0]
+            if name in FIELD_NAMES:
+                inline = stripped.split("#", 1)[1].strip() if "#" in stripped else ""
+                helps[name] = " ".join(pending + ([inline] if inline else []))
+            pending = []
+        else:
+            pending = []
+    return helps
