@@ -28,6 +28,13 @@ VERBS: dict[str, tuple[str, str]] = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument error is one line and exit code 2, not a page of usage."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(UserError.exit_code, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per RunConfig field (`lora_rank` -> `--lora-rank`), plus --config.
 
@@ -75,12 +82,27 @@ def build_verb_parser(verb: str) -> tuple[argparse.ArgumentParser, Any]:
     """The parser of one verb; only that verb's module is imported (fast --help)."""
     module_name, description = VERBS[verb]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"memtune {verb}", description=description)
+    parser = OneLineParser(prog=f"memtune {verb}", description=description)
     module.add_arguments(parser)
     return parser, module
 
 
+def quiet_libraries() -> None:
+    """Silence library chatter that says nothing about the user's run."""
+    import logging
+    import warnings
+
+    # bitsandbytes warns at import that an optional CPU kernel is not
+    # downloadable; its own CPU path works without it.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # transformers 5.x renames gradient checkpointing methods that peft still calls.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated.*")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_libraries()
     # No network, ever: a hub id must already be in the local cache.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -9,6 +9,7 @@ and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 from dataclasses import dataclass, field, fields
@@ -229,7 +230,9 @@ def from_dict(values: dict[str, Any], source: str = "config") -> RunConfig:
     problems = []
     unknown = sorted(set(values) - set(FIELD_NAMES))
     for key in unknown:
-        problems.append(f"{source}: unknown key '{key}' (see `memtune train --help` for the keys)")
+        close = difflib.get_close_matches(key, FIELD_NAMES, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else "see `memtune train --help` for the keys"
+        problems.append(f"{source}: unknown key '{key}' ({hint})")
     coerced = {}
     for name in FIELD_NAMES:
         if name not in values:

@@ -1,0 +1,313 @@
+"""Build the model a run trains: load or random-init, quantize, add LoRA, checkpointing.
+
+The path, in order:
+1. Resolve `cfg.model` to a config (preset, local directory, or cached hub id).
+   Nothing is ever downloaded.
+2. Build the model on the CPU in the compute dtype (weights from disk, or random).
+3. Swap every nn.Linear inside the decoder layers for a bitsandbytes layer and
+   move the model to the device; bitsandbytes quantizes each weight as it is
+   moved, so the device never holds the full-precision copy. Embeddings,
+   lm_head and norms stay in the compute dtype: the residual stream stays bf16
+   (unlike peft's `prepare_model_for_kbit_training`, which upcasts them to fp32
+   and makes every activation twice as large).
+4. Add LoRA with peft (adapter weights fp32), or make everything trainable.
+5. Gradient checkpointing: transformers' own (non-reentrant), or memtune's
+   offloading variant; optionally the tiled MLP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from memtune.config import RunConfig
+from memtune.errors import UserError
+from memtune.presets import PRESETS, TINY_DIR, is_preset, preset_config_dict
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class ModelSource:
+    """Where a model comes from: a directory with config.json (+ weights) or a preset dict."""
+
+    name: str
+    config_dict: dict[str, Any]
+    weights_dir: Path | None  # None = random weights
+    tokenizer_dir: Path | None  # None = no tokenizer of its own
+
+
+@dataclass
+class BuiltModel:
+    model: nn.Module  # peft-wrapped when LoRA is on
+    tokenizer: Any
+    device: torch.device
+    compute_dtype: torch.dtype
+    max_positions: int
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve_device(cfg: RunConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device: cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    if cfg.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def resolve_compute_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
+    if cfg.compute_dtype != "auto":
+        return _DTYPES[cfg.compute_dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # CPUs run bf16 matmuls natively (AMX/AVX512-BF16) or by emulation; both
+    # are supported by torch, and bf16 matches what a GPU run computes.
+    return torch.bfloat16
+
+
+def resolve_source(cfg: RunConfig) -> ModelSource:
+    """Find the model's config without touching the network."""
+    name = cfg.model
+    if is_preset(name):
+        if name == "tiny":
+            has_weights = (TINY_DIR / "model.safetensors").is_file()
+            weights = None if cfg.random_init or not has_weights else TINY_DIR
+            return ModelSource(name, preset_config_dict(name), weights, TINY_DIR)
+        if not cfg.random_init:
+            raise UserError(
+                f"model: preset '{name}' is a shape without weights; add --random-init to build it with "
+                f"random weights (memory and speed do not depend on them), or give a local directory"
+            )
+        return ModelSource(name, preset_config_dict(name), None, None)
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")):
+        return _local_source(name, path, cfg)
+    return _cached_hub_source(name, cfg)
+
+
+def _local_source(name: str, path: Path, cfg: RunConfig) -> ModelSource:
+    if not path.is_dir():
+        raise UserError(f"model: {path} is not a directory (expected a model directory with config.json)")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"model: {path} has no config.json")
+    try:
+        config_dict = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"model: {config_file} is not valid JSON ({exc})") from None
+    has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+    if not cfg.random_init and not has_weights:
+        raise UserError(f"model: {path} has no weights (*.safetensors); add --random-init to measure its shape")
+    has_tokenizer = (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
+    return ModelSource(name, config_dict, None if cfg.random_init else path, path if has_tokenizer else None)
+
+
+def _cached_hub_source(name: str, cfg: RunConfig) -> ModelSource:
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any failure means "not usable offline"
+        presets = ", ".join(["tiny", *PRESETS])
+        raise UserError(
+            f"model: '{name}' is not a local directory and not in the local Hugging Face cache, and memtune "
+            f"never downloads; give a local directory with the weights, or a shape preset with --random-init "
+            f"({presets})"
+        ) from None
+    return _local_source(name, local, cfg)
+
+
+def _load_tokenizer(source: ModelSource, cfg: RunConfig, notes: list[str]):
+    from transformers import AutoTokenizer
+
+    tokenizer_dir = source.tokenizer_dir
+    if tokenizer_dir is None:
+        # Token ids matter for accuracy, not for memory or speed; the shipped
+        # tokenizer's ids are valid in any larger vocabulary.
+        notes.append(f"model '{source.name}' has no tokenizer; using the built-in tiny tokenizer")
+        tokenizer_dir = TINY_DIR
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _hf_config(source: ModelSource, cfg: RunConfig):
+    from transformers import AutoConfig
+
+    config_dict = dict(source.config_dict)
+    model_type = config_dict.pop("model_type", None)
+    if model_type is None:
+        raise UserError(f"model: the config of '{source.name}' has no model_type")
+    try:
+        return AutoConfig.for_model(model_type, **config_dict)
+    except (KeyError, ValueError) as exc:
+        raise UserError(f"model: architecture '{model_type}' of '{source.name}' is not known to transformers ({exc})") from None
+
+
+def _attention_impl(cfg: RunConfig) -> str:
+    # SDPA picks the flash or memory-efficient kernel: O(L) memory, no [L, L] scores.
+    return "sdpa" if cfg.attention == "auto" else cfg.attention
+
+
+def _build_full_precision(source: ModelSource, cfg: RunConfig, dtype: torch.dtype) -> nn.Module:
+    """The model on the CPU in the compute dtype, before quantization."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    if source.weights_dir is not None:
+        return AutoModelForCausalLM.from_pretrained(
+            str(source.weights_dir), dtype=dtype, attn_implementation=_attention_impl(cfg),
+            trust_remote_code=cfg.trust_remote_code, low_cpu_mem_usage=True,
+        )
+    config = _hf_config(source, cfg)
+    config._attn_implementation = _attention_impl(cfg)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of decoder layers of a causal LM (peft-wrapped or not)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder()
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise UserError(f"model: {type(base).__name__} has no decoder.layers; memtune supports Llama-style decoders")
+    return layers
+
+
+def _quantized_linear(linear: nn.Linear, cfg: RunConfig, dtype: torch.dtype) -> nn.Module:
+    """A bitsandbytes layer holding `linear`'s weight, not yet quantized (that happens on .to(device))."""
+    import bitsandbytes as bnb
+
+    has_bias = linear.bias is not None
+    weight = linear.weight.data
+    if cfg.quantization == "int8":
+        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias,
+                                    has_fp16_weights=False, threshold=6.0, device="meta")
+        layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    else:
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias,
+                                  compute_dtype=dtype, compress_statistics=cfg.double_quant,
+                                  quant_type=cfg.quantization, device="meta")
+        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=cfg.double_quant,
+                                         quant_type=cfg.quantization, blocksize=64)
+    if has_bias:
+        layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+    return layer
+
+
+def quantize_decoder_linears(model: nn.Module, cfg: RunConfig, dtype: torch.dtype) -> int:
+    """Swap every nn.Linear inside the decoder layers for a bitsandbytes layer; return how many."""
+    count = 0
+    for layer in decoder_layers(model):
+        for parent in layer.modules():
+            for child_name, child in list(parent.named_children()):
+                if type(child) is nn.Linear:
+                    setattr(parent, child_name, _quantized_linear(child, cfg, dtype))
+                    count += 1
+    return count
+
+
+def _move_to_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """Move layer by layer, so only one layer's full-precision weights are ever on the device."""
+    for layer in decoder_layers(model):
+        layer.to(device)
+    model.to(device)
+    return model
+
+
+def _lora_targets(cfg: RunConfig, model_type: str) -> Any:
+    if cfg.lora_targets == "default":
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+        if model_type not in DEFAULTS:
+            raise UserError(
+                f"lora_targets: peft has no default target modules for '{model_type}'; give all-linear or a list"
+            )
+        return list(DEFAULTS[model_type])
+    if cfg.lora_targets == "all-linear":
+        return "all-linear"
+    return list(cfg.lora_targets) if isinstance(cfg.lora_targets, tuple) else [cfg.lora_targets]
+
+
+def add_lora(model: nn.Module, cfg: RunConfig) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    targets = _lora_targets(cfg, model.config.model_type)
+    lora_config = LoraConfig(
+        r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=targets, bias="none", task_type="CAUSAL_LM",
+    )
+    try:
+        # autocast_adapter_dtype keeps the adapter weights fp32 for stable updates.
+        return get_peft_model(model, lora_config, autocast_adapter_dtype=True)
+    except ValueError as exc:
+        raise UserError(f"lora_targets: {exc}".splitlines()[0]) from None
+
+
+def _enable_transformers_checkpointing(model: nn.Module) -> None:
+    # Non-reentrant checkpointing needs no input that requires grad, so the
+    # frozen embeddings need no hook (peft's enable_input_require_grads).
+    # transformers renamed the method in 5.2x; older 5.x has only the old name.
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def enable_checkpointing(model: nn.Module, cfg: RunConfig, notes: list[str]) -> None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if cfg.offload_activations:
+        from memtune.kernels import enable_offloaded_checkpointing
+
+        enable_offloaded_checkpointing(model)
+        notes.append("gradient checkpointing: memtune's, layer inputs offloaded to host memory")
+    elif cfg.gradient_checkpointing:
+        _enable_transformers_checkpointing(base)
+    if cfg.tiled_mlp_chunk:
+        from memtune.kernels import enable_tiled_mlp
+
+        enable_tiled_mlp(model, cfg.tiled_mlp_chunk)
+    base.config.use_cache = False
+
+
+def build_model(cfg: RunConfig) -> BuiltModel:
+    notes: list[str] = []
+    device = resolve_device(cfg)
+    dtype = resolve_compute_dtype(cfg, device)
+    source = resolve_source(cfg)
+    tokenizer = _load_tokenizer(source, cfg, notes)
+    model = _build_full_precision(source, cfg, dtype)
+    if source.weights_dir is None:
+        notes.append(f"model '{source.name}' built with random weights")
+    if cfg.quantization != "none":
+        quantize_decoder_linears(model, cfg, dtype)
+    model = _move_to_device(model, device)
+    if cfg.lora:
+        model = add_lora(model, cfg)
+    else:
+        for param in model.parameters():
+            param.requires_grad_(True)
+    enable_checkpointing(model, cfg, notes)
+    max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+    return BuiltModel(model, tokenizer, device, dtype, max_positions, notes)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) the way peft counts them: a 4-bit weight counts as two params per byte."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def trainable_line(trainable: int, total: int) -> str:
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"

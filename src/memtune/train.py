@@ -1,0 +1,287 @@
+"""The training recipe: setup, evaluate, train with measurements, evaluate, save.
+
+One readable loop. Memory is measured over the training steps only (the peak
+is reset after the model is built and after the first evaluation), time as the
+median optimizer step after warm-up.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from memtune import measure
+from memtune.config import RunConfig, parse_memory_size, save_yaml, write_text_atomic
+from memtune.errors import UserError
+from memtune.models import BuiltModel, build_model, count_parameters, trainable_line
+
+
+@dataclass
+class Session:
+    """Everything one run holds while it trains."""
+
+    cfg: RunConfig
+    built: BuiltModel
+    bundle: Any  # memtune.data.DataBundle
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+
+
+# --- setup ---------------------------------------------------------------------
+
+def make_optimizer(cfg: RunConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    kwargs = {"lr": cfg.learning_rate, "weight_decay": cfg.weight_decay}
+    if cfg.optimizer == "adamw":
+        # fused: one kernel for all parameters instead of several per tensor.
+        return torch.optim.AdamW(params, fused=device.type == "cuda", **kwargs)
+    if device.type != "cuda":
+        raise UserError(f"optimizer: {cfg.optimizer} (bitsandbytes) needs a CUDA GPU; use adamw on a CPU")
+    import bitsandbytes as bnb
+
+    optimizers = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
+                  "paged_adamw8bit": bnb.optim.PagedAdamW8bit}
+    return optimizers[cfg.optimizer](params, **kwargs)
+
+
+def make_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up, then cosine decay to a tenth of the peak rate."""
+    warmup = min(cfg.warmup_steps, max(cfg.steps - 1, 0))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, cfg.steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def setup(cfg: RunConfig, log: Callable[[str], None]) -> Session:
+    from memtune.data import load_data
+
+    torch.manual_seed(cfg.seed)
+    built = build_model(cfg)
+    for note in built.notes:
+        log(note)
+    bundle = load_data(cfg, built.tokenizer, built.max_positions)
+    for note in bundle.notes:
+        log(note)
+    optimizer = make_optimizer(cfg, built.model, built.device)
+    scaler = torch.amp.GradScaler("cuda") if built.compute_dtype == torch.float16 and built.device.type == "cuda" else None
+    return Session(cfg, built, bundle, optimizer, make_scheduler(cfg, optimizer), scaler)
+
+
+# --- the step ------------------------------------------------------------------
+
+def _causal_lm(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: RunConfig) -> torch.Tensor:
+    """Mean next-token loss over the unmasked labels.
+
+    `chunked` runs the decoder, then the lm_head and cross-entropy a chunk of
+    tokens at a time, so the [tokens, vocab] logits (10 GB in fp32 for 16k
+    tokens and a 152k vocabulary) never exist.
+    """
+    inputs = {"input_ids": batch["input_ids"]}
+    if "position_ids" in batch:
+        inputs["position_ids"] = batch["position_ids"]
+    lm = _causal_lm(model)
+    head = lm.get_output_embeddings()
+    if cfg.loss == "full" or not isinstance(head, nn.Linear) or type(head) is not nn.Linear:
+        # A LoRA-wrapped or quantized lm_head has no plain weight to chunk over.
+        return model(**inputs, labels=batch["labels"], use_cache=False).loss
+    from memtune.kernels import chunked_linear_cross_entropy
+
+    hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
+    # Position t predicts token t+1.
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    labels = batch["labels"][:, 1:].reshape(-1)
+    return chunked_linear_cross_entropy(hidden, head.weight, labels, bias=head.bias,
+                                        chunk_tokens=cfg.loss_chunk_tokens)
+
+
+def train_step(session: Session, batches) -> float:
+    """One optimizer step over grad_accum micro-batches; returns the mean loss."""
+    cfg, model = session.cfg, session.built.model
+    total = torch.zeros((), device=session.built.device)
+    for _ in range(cfg.grad_accum):
+        batch = {k: v.to(session.built.device, non_blocking=True) for k, v in next(batches).items()}
+        loss = forward_loss(model, batch, cfg) / cfg.grad_accum
+        (session.scaler.scale(loss) if session.scaler else loss).backward()
+        total += loss.detach()
+    if session.scaler:
+        session.scaler.unscale_(session.optimizer)
+    if cfg.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+    if session.scaler:
+        session.scaler.step(session.optimizer)
+        session.scaler.update()
+    else:
+        session.optimizer.step()
+    session.scheduler.step()
+    return float(total)  # a CPU-GPU sync point, once per step
+
+
+def tokens_per_step(batches_cfg: RunConfig, seq_len: int) -> int:
+    return batches_cfg.batch_size * batches_cfg.grad_accum * seq_len
+
+
+# --- the whole run -------------------------------------------------------------
+
+def evaluate(session: Session, label: str, log: Callable[[str], None]) -> Any:
+    if not session.cfg.eval or not session.bundle.eval:
+        return None
+    from memtune.evaluate import evaluate_accuracy
+
+    result = evaluate_accuracy(session.built.model, session.built.tokenizer, session.bundle.eval, session.cfg)
+    log(f"accuracy {label}: {result.accuracy:.3f} ({result.correct}/{result.total})")
+    return result
+
+
+def train_loop(session: Session, progress: bool) -> tuple[list[float], measure.StepTimer, int]:
+    from tqdm.auto import tqdm
+
+    from memtune.data import iterate_batches
+
+    cfg, model, device = session.cfg, session.built.model, session.built.device
+    model.train()
+    batches = iterate_batches(session.bundle, cfg, cfg.seed)
+    timer = measure.StepTimer(device)
+    losses, grads_bytes = [], 0
+    bar = tqdm(range(cfg.steps), desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    for _ in bar:
+        timer.start()
+        loss = train_step(session, batches)
+        # Gradients are largest right after backward; measure them before they are freed.
+        grads_bytes = max(grads_bytes, measure.gradient_bytes(model))
+        session.optimizer.zero_grad(set_to_none=True)
+        timer.stop()
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss} at step {len(losses) + 1}; lower learning_rate")
+        losses.append(loss)
+        bar.set_postfix(loss=f"{loss:.4f}")
+    return losses, timer, grads_bytes
+
+
+def run(cfg: RunConfig, out_dir: Path, log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
+    """Train one configuration, write the run directory, return its metrics."""
+    started_at, wall_start = measure.now_iso(), time.perf_counter()
+    device = _apply_gpu_cap(cfg, log)
+    metrics: dict[str, Any] = {"status": "running", "config_hash": cfg.config_hash(), "started_at": started_at}
+    metrics.update(measure.device_info(device))
+    metrics["versions"] = measure.package_versions()
+    metrics["git_commit"] = measure.git_commit()
+    metrics["estimate"] = _estimate(cfg, log)
+
+    session = setup(cfg, log)
+    # Only now, with the model and data known good, does the run directory appear.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, out_dir / "config.yaml")
+    model = session.built.model
+    trainable, total = count_parameters(model)
+    log(trainable_line(trainable, total))
+    metrics.update(trainable_params=trainable, total_params=total,
+                   trainable_percent=100 * trainable / total, seq_len=session.bundle.seq_len,
+                   compute_dtype=str(session.built.compute_dtype).replace("torch.", ""))
+
+    before = evaluate(session, "before", log)
+    measure.reset_peak(session.built.device)
+    losses, timer, grads_bytes = train_loop(session, progress)
+    peaks = measure.peak_memory(session.built.device)
+    after = evaluate(session, "after", log)
+
+    metrics.update(peaks)
+    peak = peaks.get("peak_allocated_bytes", peaks["peak_rss_bytes"])
+    metrics["memory_breakdown"] = measure.memory_breakdown(peak, model, session.optimizer, grads_bytes)
+    metrics.update(_time_metrics(cfg, session, timer, metrics.get("gpu_name")))
+    metrics.update(losses=losses, loss_first=losses[0], loss_last=losses[-1])
+    if before is not None:
+        metrics.update(accuracy_before=before.accuracy, accuracy_after=after.accuracy, eval_examples=after.total)
+        _write_predictions(out_dir, before, after)
+    _save_weights(model, cfg, out_dir)
+    metrics.update(status="ok", finished_at=measure.now_iso(), wall_time_s=time.perf_counter() - wall_start)
+    write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+    from memtune.run_report import write_run_report
+
+    write_run_report(out_dir, cfg, metrics)
+    return metrics
+
+
+def _apply_gpu_cap(cfg: RunConfig, log: Callable[[str], None]) -> torch.device:
+    from memtune.models import resolve_device
+
+    device = resolve_device(cfg)
+    if cfg.gpu_memory:
+        if device.type != "cuda":
+            log(f"gpu_memory cap {cfg.gpu_memory} ignored: no CUDA GPU")
+        else:
+            fraction = measure.cap_gpu_memory(device, parse_memory_size(cfg.gpu_memory))
+            log(f"GPU memory capped at {cfg.gpu_memory} ({fraction:.1%} of the card)")
+    return device
+
+
+def _estimate(cfg: RunConfig, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """The analytical prediction, stored beside the measurement so the report can show its error."""
+    try:
+        from memtune.estimate import estimate_memory
+    except ImportError:
+        return None
+    try:
+        estimate = estimate_memory(cfg)
+    except UserError as exc:
+        log(f"no memory estimate: {exc}")
+        return None
+    return {"total_bytes": int(estimate.total_bytes), "breakdown": {k: int(v) for k, v in estimate.breakdown.items()}}
+
+
+def _time_metrics(cfg: RunConfig, session: Session, timer: measure.StepTimer, gpu_name: str | None) -> dict[str, Any]:
+    step_time = timer.median(skip=min(cfg.warmup_steps, cfg.steps - 1))
+    tokens = tokens_per_step(cfg, session.bundle.seq_len)
+    result = {"step_time_s": step_time, "step_times_s": timer.times, "tokens_per_step": tokens,
+              "tokens_per_s": tokens / step_time}
+    peak = measure.peak_flops(gpu_name)
+    if peak:
+        config = _causal_lm(session.built.model).config
+        flops = measure.train_flops_per_token(_dense_params(config), config.num_hidden_layers,
+                                              config.hidden_size, session.bundle.seq_len, cfg.lora,
+                                              cfg.gradient_checkpointing)
+        result["mfu"] = flops * result["tokens_per_s"] / peak
+    return result
+
+
+def _dense_params(config: Any) -> int:
+    """Parameters that do matmul work per token: decoder linears and lm_head (not the embedding lookup)."""
+    hidden, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
+    mlp = 3 * hidden * inter
+    return layers * (attention + mlp) + hidden * config.vocab_size
+
+
+def _write_predictions(out_dir: Path, before: Any, after: Any) -> None:
+    for label, result in (("before", before), ("after", after)):
+        lines = "\n".join(json.dumps(p) for p in result.predictions)
+        write_text_atomic(out_dir / f"predictions_{label}.jsonl", lines + "\n")
+
+
+def _save_weights(model: nn.Module, cfg: RunConfig, out_dir: Path) -> None:
+    """Save to a temporary directory and rename, so a killed run leaves no half an adapter."""
+    final = out_dir / ("adapter" if cfg.lora else "model")
+    tmp = out_dir / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)

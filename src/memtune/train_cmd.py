@@ -1,0 +1,89 @@
+"""`memtune train`: fine-tune one configuration, measure it, write its run directory."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import traceback
+from pathlib import Path
+
+from memtune.cli import add_config_flags, config_from_args
+from memtune.config import RunConfig, write_text_atomic
+from memtune.measure import gib
+
+EXIT_OOM = 3
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_flags(parser)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def default_out_dir(cfg: RunConfig) -> Path:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    model = Path(cfg.model).name.replace("/", "_")
+    return Path("runs") / f"{stamp}-{model}-{cfg.quantization}-r{cfg.lora_rank}-L{cfg.seq_len}"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def run(args: argparse.Namespace) -> int:
+    from memtune import train
+
+    cfg = config_from_args(args)
+    out_dir = Path(cfg.out) if cfg.out else default_out_dir(cfg)
+    try:
+        metrics = train.run(cfg, out_dir, progress=not args.quiet)
+    except (RuntimeError, MemoryError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        _record_failure(out_dir, cfg, "oom", exc)
+        print(f"memtune train: out of memory: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return EXIT_OOM
+    print_summary(metrics)
+    print(f"wrote {out_dir}/ (config.yaml, metrics.json, {'adapter' if cfg.lora else 'model'}/, report.md)")
+    return 0
+
+
+def _record_failure(out_dir: Path, cfg: RunConfig, status: str, exc: BaseException) -> None:
+    """An out-of-memory is a result: record it (with the peak reached) rather than crash."""
+    import torch
+
+    from memtune import measure
+
+    metrics = {"status": status, "error": str(exc).splitlines()[0][:500], "config_hash": cfg.config_hash(),
+               "finished_at": measure.now_iso(), "versions": measure.package_versions(),
+               "git_commit": measure.git_commit()}
+    if torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+        metrics.update(measure.device_info(device))
+        metrics.update(measure.peak_memory(device))
+    metrics["traceback_tail"] = traceback.format_exc().splitlines()[-3:]
+    write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+
+
+def print_summary(metrics: dict) -> None:
+    print()
+    print("== memtune train ==")
+    if "peak_allocated_bytes" in metrics:
+        print(f"peak allocated:  {gib(metrics['peak_allocated_bytes'])}")
+        print(f"peak reserved:   {gib(metrics['peak_reserved_bytes'])}")
+    else:
+        print(f"peak RSS (CPU process, whole training): {gib(metrics['peak_rss_bytes'])}")
+    print("memory breakdown:")
+    for name, value in metrics["memory_breakdown"].items():
+        print(f"  {name.removesuffix('_bytes'):<24} {gib(value)}")
+    if metrics.get("estimate"):
+        print(f"estimated peak allocated (GPU): {gib(metrics['estimate']['total_bytes'])}")
+    print(f"median step time: {metrics['step_time_s']:.3f} s   tokens/s: {metrics['tokens_per_s']:,.0f}"
+          + (f"   MFU: {metrics['mfu']:.1%}" if metrics.get("mfu") else ""))
+    print(f"loss: {metrics['loss_first']:.4f} -> {metrics['loss_last']:.4f}")
+    if "accuracy_before" in metrics:
+        print(f"accuracy: {metrics['accuracy_before']:.3f} -> {metrics['accuracy_after']:.3f} "
+              f"({metrics['eval_examples']} held-out examples)")
