@@ -1,0 +1,270 @@
+"""Build the shipped `tiny` model: tokenizer, config.json and pretrained weights.
+
+    python scripts/pretrain_tiny.py            # pretrain and write src/memtune/assets/tiny/
+    python scripts/pretrain_tiny.py --init-only  # random weights (no training)
+
+The base is pretrained on *related but different* synthetic text: bare
+arithmetic facts ("12 + 7 = 19.") and short stories about quantities
+("Tom has 3 apples and buys 4 more, so Tom has 3 + 4 = 7 apples."). It never
+sees the task's format (no "Question:", "Answer:", "How many ...?" or
+"####"), so before fine-tuning it cannot answer the built-in task in that
+format; LoRA fine-tuning teaches the format. Stories only use the arithmetic
+cores of the *train* split of `memtune.tasks.arith`, so no test problem is
+seen in any form; bare facts cover all small sums and products, the way a
+real base model knows its arithmetic.
+
+Reproducible: fixed seeds, deterministic algorithms, a fixed thread count,
+and tensors written in a fixed order, so a rerun on a CPU writes the same
+bytes. The last steps train through simulated NF4 rounding of the decoder
+weights (straight-through), so the weights survive 4-bit quantization.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from memtune.tasks import arith  # noqa: E402
+
+OUT_DIR = ROOT / "src" / "memtune" / "assets" / "tiny"
+SEED = 1234
+THREADS = 2  # CPU float sums depend on the thread split; fix it for same bytes
+
+EOS, PAD, IM_START = "<|endoftext|>", "<|pad|>", "<|im_start|>"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}" + IM_START + "{{ message['role'] }}\n"
+    "{{ message['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}" + IM_START + "assistant\n{% endif %}"
+)
+# Words the tokenizer keeps whole besides those of the corpus: the prompt
+# format, the chat roles and the task's questions (never trained on here).
+EXTRA_WORDS = "Question: Answer: #### system user assistant How many does do have now left are is the a an of".split()
+
+# Every dimension a multiple of 64: bitsandbytes quantizes in blocks of 64.
+MODEL_CONFIG = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "hidden_size": 128,
+    "intermediate_size": 384,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "hidden_act": "silu",
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": True,
+    "use_sliding_window": False,
+    "attention_dropout": 0.0,
+    "initializer_range": 0.02,
+    "torch_dtype": "float32",
+}
+
+# Pretraining schedule (CPU, 2 threads).
+SEQ_LEN = 128
+BATCH = 32
+STEPS = 1500
+QAT_STEPS = 200  # the last steps train through NF4 rounding
+LR = 3e-3
+WARMUP = 50
+
+
+# --------------------------------------------------------------------------
+# corpus
+# --------------------------------------------------------------------------
+
+def arithmetic_facts() -> list[str]:
+    """Every fact the task's reasoning can need, in a fixed order."""
+    facts = []
+    for a in range(0, 101):
+        for b in range(0, 41):
+            if a <= 40 or b <= 20:
+                facts.append(f"{a} + {b} = {a + b}.")
+            if b <= a and a <= 60:
+                facts.append(f"{a} - {b} = {a - b}.")
+    facts += [f"{a} * {b} = {a * b}." for a in range(0, 13) for b in range(0, 13)]
+    return facts
+
+
+# Story phrasings: (template key of the arithmetic core, text). Fields as in
+# arith.Template plus {e1} / {e2}: the reasoning steps "a + b = c".
+STORIES = {
+    "add": ["{name} has {a} {item_a} and buys {b} more, so {name} has {e1} {item_r}.",
+            "{name} had {a} {item_a}. {name} bought {b} more {item_b}. Now {name} has {e1} {item_r}.",
+            "After buying {b} more {item_b}, {name} has {e1} {item_r}."],
+    "add_gift": ["{name} has {a} {item_a}. A friend gives {name} {b} more, so {name} has {e1} {item_r}.",
+                 "A friend gave {name} {b} {item_b}. {name} had {a} before, so {name} now has {e1} {item_r}."],
+    "sub": ["{name} has {a} {item_a} and gives away {b}, so {name} has {e1} {item_r} left.",
+            "{name} had {a} {item_a} and gave {b} to a friend. {name} has {e1} {item_r} left."],
+    "sub_lose": ["{name} had {a} {item_a} and lost {b} of them, so {e1} {item_r} are left.",
+                 "Of {a} {item_a}, {name} lost {b}. That leaves {e1} {item_r}."],
+    "mul": ["{name} has {a} boxes with {b} {item_b} in each box, so {name} has {e1} {item_r}.",
+            "There are {b} {item_b} in each of {a} boxes. That is {e1} {item_r}."],
+    "mul_add": ["{name} has {a} boxes with {b} {item_b} in each box and {c} more {item_c}. "
+                "The boxes hold {e1} {items}, so {name} has {e2} {item_r}.",
+                "In {a} boxes with {b} {item_b} each there are {e1} {items}. With {c} more, "
+                "{name} has {e2} {item_r}."],
+    "add_sub": ["{name} has {a} {item_a}, buys {b} more and gives away {c}. That is {e1} {items}, "
+                "and {name} has {e2} {item_r} left.",
+                "{name} had {a} {item_a} and bought {b} more, {e1}. Then {name} gave away {c}, "
+                "so {e2} {item_r} are left."],
+}
+
+
+def story(rng: random.Random) -> str:
+    """One short story on a *train* arithmetic core."""
+    while True:
+        template = rng.choice(arith.TEMPLATES)
+        numbers = template.draw(rng)
+        if arith.split_of(template.key, numbers) == "train":
+            break
+    name, item = rng.choice(arith.NAMES), rng.choice(arith.ITEMS)
+    steps = template.steps(numbers)
+    fields = dict(zip("abc", numbers), name=name, items=item + "s")
+    fields.update({f"item_{k}": arith._noun(item, v) for k, v in zip("abc", numbers)})
+    fields["item_r"] = arith._noun(item, steps[-1][1])
+    for i, (expr, value) in enumerate(steps, 1):
+        fields[f"e{i}"] = f"{expr} = {value}"
+    return rng.choice(STORIES[template.key]).format(**fields)
+
+
+def documents(rng: random.Random, n_docs: int, facts: list[str]) -> list[str]:
+    """Documents of a few stories and facts each; eos only between documents."""
+    docs = []
+    for _ in range(n_docs):
+        parts = [story(rng) if rng.random() < 0.6 else rng.choice(facts) for _ in range(rng.randint(3, 6))]
+        docs.append(" ".join(parts))
+    return docs
+
+
+# --------------------------------------------------------------------------
+# tokenizer
+# --------------------------------------------------------------------------
+
+# The pipeline of transformers' Qwen2Tokenizer, which AutoTokenizer forces for
+# model_type qwen2 whatever tokenizer.json says: building the same pipeline
+# here makes the saved file and the loaded tokenizer agree. Digits split one
+# per token; a word keeps its leading space.
+QWEN2_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
+                           r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def build_tokenizer(corpus_sample: list[str]):
+    """Byte-level BPE trained until every corpus word is one token.
+
+    Numbers are one token per digit and any other text falls back to bytes,
+    so every string can be encoded.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=2048,  # more than the corpus words need: training stops when all are whole
+        min_frequency=1,
+        special_tokens=[EOS, PAD, IM_START],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    words = [" ".join(EXTRA_WORDS), "\n".join(EXTRA_WORDS)]
+    tok.train_from_iterator([*corpus_sample, *words], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, unk_token=EOS,
+                                   model_max_length=MODEL_CONFIG["max_position_embeddings"])
+    fast.add_special_tokens({"additional_special_tokens": [IM_START]})
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def save_tokenizer(tokenizer, out_dir: Path) -> None:
+    tokenizer.save_pretrained(out_dir)
+    # Readable by older transformers too: a known class and the chat template inline.
+    path = out_dir / "tokenizer_config.json"
+    data = json.loads(path.read_text())
+    data["tokenizer_class"] = "PreTrainedTokenizerFast"
+    data["chat_template"] = CHAT_TEMPLATE
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+# --------------------------------------------------------------------------
+# model
+# --------------------------------------------------------------------------
+
+def model_config(tokenizer) -> dict:
+    config = dict(MODEL_CONFIG)
+    config["vocab_size"] = math.ceil(len(tokenizer) / 64) * 64
+    config["bos_token_id"] = tokenizer.eos_token_id
+    config["eos_token_id"] = tokenizer.eos_token_id
+    config["pad_token_id"] = tokenizer.pad_token_id
+    return config
+
+
+def build_model(config: dict):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(SEED)
+    cfg = Qwen2Config(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
+    cfg.architectures = config["architectures"]
+    return Qwen2ForCausalLM(cfg)
+
+
+def save_weights(model, out_dir: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().clone() for k, v in sorted(model.state_dict().items())
+             if k != "lm_head.weight"}  # tied to the embeddings
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+
+
+def write_config(config: dict, out_dir: Path) -> None:
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--init-only", action="store_true", help="write random weights, no training")
+    parser.add_argument("--out", type=Path, default=OUT_DIR)
+    parser.add_argument("--steps", type=int, default=STEPS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(THREADS)
+    torch.use_deterministic_algorithms(True)
+    rng = random.Random(SEED)
+    facts = arithmetic_facts()
+    docs = documents(rng, 20000, facts)
+    tokenizer = build_tokenizer(docs + facts)
+    config = model_config(tokenizer)
+    model = build_model(config)
+    if not args.init_only:
+        from_pretrain = pretrain(model, tokenizer, docs, args.steps)
+        print(from_pretrain)
+    args.out.mkdir(parents=True, exist_ok=True)
+    save_tokenizer(tokenizer, args.out)
+    write_config(config, args.out)
+    save_weights(model, args.out)
+    print(f"wrote {args.out} (vocab {len(tokenizer)}, "
+          f"{sum(p.numel() for p in model.parameters())} parameters)")
+    return 0
+
+
+def pretrain(model, tokenizer, docs, steps):  # filled in below
+    raise NotImplementedError
+
+
+if __name__ == "__main__":
+    sys.exit(main())

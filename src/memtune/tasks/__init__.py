@@ -1,0 +1,1 @@
+"""Built-in tasks: small, deterministic data sets that need no download."""
