@@ -1,0 +1,28 @@
+"""Memory kernels for long-context LoRA fine-tuning, in plain PyTorch (no Triton).
+
+    chunked_linear_cross_entropy(hidden, weight, labels, bias=None, chunk_tokens=4096,
+                                 ignore_index=-100, *, max_chunk_bytes=1 GiB) -> scalar
+    enable_offloaded_checkpointing(model) -> int     # disable_offloaded_checkpointing(model)
+    enable_tiled_mlp(model, chunk_tokens) -> int     # disable_tiled_mlp(model)
+
+All patches act on module instances, never on library classes.
+"""
+
+from memtune.kernels.cross_entropy import chunked_linear_cross_entropy, effective_chunk_tokens
+from memtune.kernels.offload import (
+    disable_offloaded_checkpointing,
+    enable_offloaded_checkpointing,
+    is_offloaded_checkpointing,
+)
+from memtune.kernels.tiled_mlp import disable_tiled_mlp, enable_tiled_mlp, tiled_mlp_chunk
+
+__all__ = [
+    "chunked_linear_cross_entropy",
+    "effective_chunk_tokens",
+    "enable_offloaded_checkpointing",
+    "disable_offloaded_checkpointing",
+    "is_offloaded_checkpointing",
+    "enable_tiled_mlp",
+    "disable_tiled_mlp",
+    "tiled_mlp_chunk",
+]

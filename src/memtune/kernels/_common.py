@@ -1,0 +1,88 @@
+"""Pieces shared by the recomputing kernels: finding decoder layers, RNG and autocast replay."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base):
+        try:
+            return get_base()
+        except Exception:  # noqa: BLE001 - not a peft model after all
+            pass
+    return model
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of an HF causal LM (Qwen2/Qwen3/Llama ...), through peft if wrapped."""
+    root = base_model(model)
+    candidates = []
+    get_decoder = getattr(root, "get_decoder", None)
+    if callable(get_decoder):
+        try:
+            candidates.append(get_decoder())
+        except Exception:  # noqa: BLE001
+            pass
+    candidates += [getattr(root, "model", None), root]
+    for owner in candidates:
+        layers = getattr(owner, "layers", None) if owner is not None else None
+        if isinstance(layers, nn.ModuleList) and len(layers):
+            return list(layers)
+    # last resort: the longest ModuleList named "layers" anywhere
+    best: list[nn.Module] = []
+    for name, module in root.named_modules():
+        if name.split(".")[-1] == "layers" and isinstance(module, nn.ModuleList) and len(module) > len(best):
+            best = list(module)
+    if not best:
+        raise ValueError(f"no decoder layers found in {type(root).__name__}")
+    return best
+
+
+def trainable_params(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+class RngState:
+    """CPU (and this CUDA device's) generator state, to replay dropout identically in a recompute."""
+
+    __slots__ = ("cpu", "cuda", "device")
+
+    def __init__(self, device: torch.device):
+        self.cpu = torch.get_rng_state()
+        self.device = device if device.type == "cuda" else None
+        self.cuda = torch.cuda.get_rng_state(device) if self.device is not None else None
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        devices = [self.device] if self.device is not None else []
+        with torch.random.fork_rng(devices=devices, enabled=True):
+            torch.set_rng_state(self.cpu)
+            if self.device is not None:
+                torch.cuda.set_rng_state(self.cuda, self.device)
+            yield
+
+
+def autocast_state(device_type: str) -> list[tuple[str, bool, Any]]:
+    """Autocast settings in force now (autocast is thread local; backward may run on another thread)."""
+    state = []
+    for dev in dict.fromkeys((device_type, "cpu")):
+        try:
+            state.append((dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)))
+        except (TypeError, RuntimeError):
+            continue
+    return state
+
+
+@contextlib.contextmanager
+def replay_autocast(state: list[tuple[str, bool, Any]]) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for dev, enabled, dtype in state:
+            stack.enter_context(torch.autocast(device_type=dev, dtype=dtype, enabled=enabled))
+        yield

@@ -1,0 +1,180 @@
+"""Linear + cross-entropy fused over token chunks: the [tokens, vocab] logits never exist whole.
+
+Why: the logits are the single largest activation of a long-context fine-tune
+with a large vocabulary. For the DeepSeek-R1-Distill-Qwen-1.5B shape
+(vocab 151936):
+
+    16384 tokens x 151936 x 4 B (fp32 logits)   = 9.96 GB  (+ the same again for their gradient)
+    65536 tokens x 151936 x 4 B                 = 39.8 GB
+    131072 tokens                                = 79.7 GB
+
+A chunk of C tokens holds, at its peak, the chunk logits in fp32 (C x V x 4 B)
+plus, briefly, one copy in the input dtype (C x V x 2 B for bf16):
+
+    C = 4096: 2.49 GB fp32 + 1.24 GB bf16 = 3.7 GB peak
+    C = 1728: 1.05 GB fp32 + 0.53 GB bf16 = 1.6 GB peak   (the 1 GiB default cap below)
+    C = 1024: 0.62 GB fp32 + 0.31 GB bf16 = 0.9 GB peak
+
+The trade-off: every chunk is two matmuls against the full lm_head
+([C, H] x [H, V] for the logits, [C, V] x [V, H] for grad_hidden), so a
+chunk reads the whole 467 MB bf16 lm_head twice. Above about 1024 tokens per
+chunk these matmuls are compute bound on an H200 (2*C*H*V flops = 478 GFLOP at
+C = 1024 against 0.9 GB of weight traffic), so smaller chunks cost launch
+overhead only, not throughput. `max_chunk_bytes` therefore caps the chunk so
+that its fp32 logits stay within 1 GiB, whatever `chunk_tokens` asks for.
+
+The gradient wrt the hidden states (and the weight / bias, when they require
+it) is computed chunk by chunk during the forward, as Liger-Kernel's fused
+linear cross-entropy does; only grad_hidden [N, H] (input dtype) is kept, plus
+grad_weight [V, H] fp32 when the weight is trainable (a frozen lm_head, the
+LoRA case, allocates nothing for it). Backward only scales the stored
+gradients by grad_output.
+
+Tokens whose label is `ignore_index` are dropped before the first matmul
+(prompt tokens of an SFT example cost nothing); their hidden gradient is zero.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["chunked_linear_cross_entropy", "effective_chunk_tokens"]
+
+_DEFAULT_MAX_CHUNK_BYTES = 1 << 30  # fp32 chunk logits at most 1 GiB
+
+
+def effective_chunk_tokens(chunk_tokens: int, vocab_size: int, max_chunk_bytes: int | None = _DEFAULT_MAX_CHUNK_BYTES) -> int:
+    """The chunk length actually used: `chunk_tokens`, capped so fp32 logits fit `max_chunk_bytes`."""
+    chunk = max(1, int(chunk_tokens))
+    if max_chunk_bytes:
+        cap = max(1, int(max_chunk_bytes) // (4 * max(1, vocab_size)))
+        if cap < chunk:
+            # round down to a multiple of 64 (tensor-core friendly) when that leaves something
+            chunk = cap - cap % 64 if cap >= 64 else cap
+    return chunk
+
+
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    device_type = hidden.device.type
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except (TypeError, RuntimeError):  # a device type autocast does not know
+        pass
+    return hidden.dtype
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk_tokens, ignore_index, compute_dtype):
+        n_tokens, _ = hidden.shape
+        vocab = weight.shape[0]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+
+        w = weight if weight.dtype == compute_dtype else weight.to(compute_dtype)  # one copy, only if dtypes differ
+        b = None if bias is None else (bias if bias.dtype == compute_dtype else bias.to(compute_dtype))
+
+        valid_idx = (labels != ignore_index).nonzero().squeeze(1)  # one host sync per call
+        n_valid = int(valid_idx.numel())
+        all_valid = n_valid == n_tokens
+
+        grad_hidden = torch.zeros_like(hidden) if need_h else None
+        grad_weight = torch.zeros(vocab, weight.shape[1], dtype=torch.float32, device=weight.device) if need_w else None
+        grad_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_b else None
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+
+        if n_valid:
+            h_all = hidden if all_valid else hidden.index_select(0, valid_idx)  # [Nv, H]: tokens with a label
+            y_all = labels if all_valid else labels.index_select(0, valid_idx)
+            inv_n = 1.0 / n_valid
+            for start in range(0, n_valid, chunk_tokens):
+                h = h_all[start:start + chunk_tokens]
+                if h.dtype != compute_dtype:
+                    h = h.to(compute_dtype)
+                y = y_all[start:start + chunk_tokens].long()
+                rows = torch.arange(h.shape[0], device=h.device)
+
+                # logits in the compute dtype: C x V x 2 B (bf16)
+                logits = torch.addmm(b, h, w.t()) if b is not None else h @ w.t()
+                # fp32 from here on, in place: C x V x 4 B (for fp32 inputs .float() is the same tensor)
+                z = logits.float()
+                del logits
+                target = z[rows, y]                       # [C]
+                z_max = z.amax(dim=1, keepdim=True)       # [C, 1]
+                z.sub_(z_max).exp_()                      # exp(z - max)
+                sum_exp = z.sum(dim=1, keepdim=True)      # [C, 1]
+                lse = z_max.squeeze(1) + sum_exp.squeeze(1).log()
+                loss_sum += (lse - target).sum()
+
+                if need_h or need_w or need_b:
+                    # d(mean loss)/d logits = (softmax - onehot) / n_valid, built in place in z
+                    z.mul_(sum_exp.reciprocal_().mul_(inv_n))
+                    z[rows, y] -= inv_n
+                    g = z if compute_dtype == torch.float32 else z.to(compute_dtype)  # C x V x 2 B
+                    if need_b:
+                        grad_bias += z.sum(dim=0)
+                    del z
+                    if need_h:
+                        gh = g @ w                         # [C, H]
+                        if all_valid:
+                            grad_hidden[start:start + gh.shape[0]] = gh
+                        else:
+                            grad_hidden.index_copy_(0, valid_idx[start:start + gh.shape[0]], gh.to(grad_hidden.dtype))
+                    if need_w:
+                        grad_weight.add_(g.t() @ h)        # [V, H] in the compute dtype, accumulated in fp32
+                    del g
+                else:
+                    del z
+
+        loss = loss_sum / n_valid if n_valid else loss_sum  # no labelled token: loss 0, gradients 0
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.weight_dtype = weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        gh = gw = gb = None
+        if grad_hidden is not None:
+            gh = grad_hidden * grad_output.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            gw = (grad_weight * grad_output).to(ctx.weight_dtype)
+        if grad_bias is not None:
+            gb = (grad_bias * grad_output).to(ctx.bias_dtype)
+        return gh, gw, gb, None, None, None, None
+
+
+def chunked_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    chunk_tokens: int = 4096,
+    ignore_index: int = -100,
+    *,
+    max_chunk_bytes: int | None = _DEFAULT_MAX_CHUNK_BYTES,
+) -> torch.Tensor:
+    """Mean cross-entropy of `hidden @ weight.T + bias` against `labels`, without the full logits.
+
+    hidden [N, H] (or [..., H], flattened), weight [V, H], labels [N] aligned
+    with hidden (shift them first for next-token prediction), bias [V] or None.
+    Returns a float32 scalar: the mean over tokens whose label is not
+    `ignore_index`; 0 (with zero gradients) when there is none. Logits are
+    computed in the input dtype (the autocast dtype under autocast), softmax
+    and log-sum-exp in fp32. The chunk is `chunk_tokens`, capped so the fp32
+    chunk logits stay within `max_chunk_bytes` (None: no cap).
+    """
+    if hidden.shape[-1] != weight.shape[-1]:
+        raise ValueError(f"hidden size {hidden.shape[-1]} does not match weight {tuple(weight.shape)}")
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = labels.reshape(-1)
+    if labels.shape[0] != hidden.shape[0]:
+        raise ValueError(f"{labels.shape[0]} labels for {hidden.shape[0]} hidden states")
+    if labels.device != hidden.device:
+        labels = labels.to(hidden.device)
+    chunk = effective_chunk_tokens(chunk_tokens, weight.shape[0], max_chunk_bytes)
+    compute_dtype = _compute_dtype(hidden, weight)
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk, ignore_index, compute_dtype)

@@ -1,0 +1,153 @@
+"""Run each decoder layer's MLP over chunks of the sequence, recomputing each chunk in backward.
+
+The gated MLP `down(act(gate(x)) * up(x))` is per token, so chunking it along
+the sequence is exact. Untiled, one layer's forward + backward holds several
+[tokens, intermediate] tensors: for the 1.5B shape (intermediate 8960) each is
+17.5 KiB per token in bf16, 35 KiB in fp32 (peft casts a LoRA layer's input to
+the fp32 adapter dtype, so down_proj's LoRA keeps an fp32 [tokens, 8960]
+copy): at 65k tokens one such tensor is 1.2 GB (bf16) / 2.3 GB (fp32), and
+gate, up, act(gate), their product and the LoRA copies add up to several.
+Tiled, only one chunk's worth exists at a time (4096 tokens: 73 MB bf16 per
+tensor). The price is one more MLP forward per layer in backward (the MLP is
+about 2/3 of a layer's flops); under gradient checkpointing the MLP forward
+then runs three times: forward, checkpoint recompute, tiled backward.
+
+Only the MLP input [tokens, hidden] is saved. The module instance gets its own
+`forward`; without grad mode the original forward runs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from memtune.kernels._common import RngState, autocast_state, decoder_layers, replay_autocast, trainable_params
+
+__all__ = ["enable_tiled_mlp", "disable_tiled_mlp", "tiled_mlp_chunk"]
+
+_ATTR = "_memtune_tiled_mlp"
+
+
+class _TiledMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, run: Callable, chunk: int, x: torch.Tensor, *params: torch.Tensor):
+        ctx.run, ctx.chunk, ctx.params = run, chunk, params
+        ctx.rng = RngState(x.device)
+        ctx.autocast = autocast_state(x.device.type)
+        ctx.save_for_backward(x)
+        out = None
+        start = 0
+        with torch.no_grad():
+            for piece in x.split(chunk, dim=-2):
+                y = run(piece)
+                if out is None:
+                    out = y.new_empty(*x.shape[:-2], x.shape[-2], y.shape[-1])
+                out.narrow(-2, start, piece.shape[-2]).copy_(y)
+                start += piece.shape[-2]
+                del y
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[2]
+        need_p = ctx.needs_input_grad[3:]
+        params = [p for p, need in zip(ctx.params, need_p) if need]
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_p: list[torch.Tensor | None] = [None] * len(params)
+        x = x.detach()
+        start = 0
+        # the chunks run in the forward's order, so dropout draws the same masks
+        with torch.enable_grad(), ctx.rng.replay(), replay_autocast(ctx.autocast):
+            for piece in x.split(ctx.chunk, dim=-2):
+                n = piece.shape[-2]
+                piece = piece.detach().requires_grad_(need_x)
+                y = ctx.run(piece)
+                wanted = ([piece] if need_x else []) + params
+                if y.requires_grad and wanted:
+                    grads = torch.autograd.grad(y, wanted, grad_out.narrow(-2, start, n), allow_unused=True)
+                    if need_x:
+                        grad_x.narrow(-2, start, n).copy_(grads[0] if grads[0] is not None else 0)
+                        grads = grads[1:]
+                    for i, g in enumerate(grads):
+                        if g is not None:
+                            grad_p[i] = g if grad_p[i] is None else grad_p[i].add_(g)
+                elif need_x:
+                    grad_x.narrow(-2, start, n).zero_()
+                del y
+                start += n
+        it = iter(grad_p)
+        return (None, None, grad_x, *[next(it) if need else None for need in need_p])
+
+
+def _make_forward(mlp: nn.Module, original: Callable, chunk: int) -> Callable:
+    def forward(x: torch.Tensor, *args, **kwargs):
+        run = original if not (args or kwargs) else (lambda piece: original(piece, *args, **kwargs))
+        if not (torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.dim() >= 2):
+            return original(x, *args, **kwargs)
+        params = trainable_params(mlp)
+        if not (x.requires_grad or params) or x.shape[-2] <= chunk:
+            return original(x, *args, **kwargs)  # one chunk: tiling would only add a recompute
+        return _TiledMLP.apply(run, chunk, x, *params)
+
+    return forward
+
+
+def _mlp_of(layer: nn.Module) -> nn.Module | None:
+    mlp = getattr(layer, "mlp", None) or getattr(layer, "feed_forward", None)
+    # gated dense MLPs only: a mixture of experts also adds router losses that are not per token
+    if mlp is not None and hasattr(mlp, "down_proj") and not hasattr(mlp, "experts"):
+        return mlp
+    return None
+
+
+def enable_tiled_mlp(model: nn.Module, chunk_tokens: int) -> int:
+    """Run every decoder layer's MLP over `chunk_tokens`-long chunks of the sequence.
+
+    A chunk_tokens of 0 or less disables it. Calling again changes the chunk.
+    Returns the number of MLPs tiled.
+    """
+    if chunk_tokens <= 0:
+        return -disable_tiled_mlp(model)
+    count = 0
+    for layer in decoder_layers(model):
+        mlp = _mlp_of(layer)
+        if mlp is None:
+            continue
+        info = mlp.__dict__.get(_ATTR)
+        if info is None:
+            info = {"had_own_forward": "forward" in mlp.__dict__, "original": mlp.forward}
+            setattr(mlp, _ATTR, info)
+        info["chunk"] = int(chunk_tokens)
+        mlp.forward = _make_forward(mlp, info["original"], int(chunk_tokens))
+        count += 1
+    return count
+
+
+def disable_tiled_mlp(model: nn.Module) -> int:
+    """Undo `enable_tiled_mlp`; returns the number of MLPs restored."""
+    count = 0
+    for layer in decoder_layers(model):
+        mlp = _mlp_of(layer)
+        info = None if mlp is None else mlp.__dict__.get(_ATTR)
+        if info is None:
+            continue
+        if info["had_own_forward"]:
+            mlp.forward = info["original"]
+        else:
+            del mlp.forward
+        delattr(mlp, _ATTR)
+        count += 1
+    return count
+
+
+def tiled_mlp_chunk(model: nn.Module) -> int:
+    """The chunk the model's MLPs are tiled with (0 = not tiled)."""
+    for layer in decoder_layers(model):
+        mlp = _mlp_of(layer)
+        info = None if mlp is None else mlp.__dict__.get(_ATTR)
+        if info is not None:
+            return info["chunk"]
+    return 0
