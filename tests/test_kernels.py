@@ -185,6 +185,11 @@ def test_offloaded_checkpointing_matches_plain_and_hf_checkpointing(dtype):
     _assert_same(_step(off, ids, labels), plain, dtype)
     _assert_same(_step(off, ids, labels), plain, dtype)  # a second step
 
+    # transformers' checkpointing switched on again afterwards (as a Trainer does): ours still rules
+    off.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _assert_same(_step(off, ids, labels), plain, dtype)
+    assert not any(layer.gradient_checkpointing for layer in off.get_base_model().model.layers)
+
 
 def test_offloaded_checkpointing_runs_the_recompute(monkeypatch):
     from memtune.kernels import offload

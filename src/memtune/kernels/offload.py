@@ -28,7 +28,6 @@ so the recompute path runs and is testable on a CPU.
 
 from __future__ import annotations
 
-import contextlib
 import weakref
 from typing import Any, Callable
 
@@ -124,32 +123,18 @@ class _PassState:
 class _Run:
     """Calls the original layer forward with the saved non-hidden arguments."""
 
-    __slots__ = ("layer", "original", "flat", "spec", "grad_slots", "extra_outputs", "state", "position")
+    __slots__ = ("original", "flat", "spec", "grad_slots", "extra_outputs", "state", "position")
 
     def __call__(self, hidden: torch.Tensor, grad_tensors) -> torch.Tensor:
         flat = list(self.flat)
         for slot, tensor in zip(self.grad_slots, grad_tensors):
             flat[slot] = tensor
         args, kwargs = tree_unflatten(flat, self.spec)
-        with _hf_checkpointing_off(self.layer):
-            out = self.original(hidden, *args, **kwargs)
+        out = self.original(hidden, *args, **kwargs)
         if isinstance(out, (tuple, list)):  # layers of older transformers return (hidden, ...)
             self.extra_outputs = tuple(out[1:])
             out = out[0]
         return out
-
-
-@contextlib.contextmanager
-def _hf_checkpointing_off(layer: nn.Module):
-    """transformers' own per-layer checkpointing would recompute a second time inside ours."""
-    flag = getattr(layer, "gradient_checkpointing", False)
-    if flag:
-        layer.gradient_checkpointing = False
-    try:
-        yield
-    finally:
-        if flag:
-            layer.gradient_checkpointing = flag
 
 
 class _OffloadedCheckpoint(torch.autograd.Function):
@@ -192,6 +177,10 @@ def _make_forward(layer: nn.Module, original: Callable, state: _PassState, posit
             hidden, rest = args[0], args[1:]
         else:
             hidden, rest = kwargs.pop("hidden_states"), ()
+        if getattr(layer, "gradient_checkpointing", False):
+            # transformers' own per-layer checkpointing was switched on again after us (e.g. by a
+            # Trainer): it would recompute a second time around or inside ours; ours replaces it
+            layer.gradient_checkpointing = False
         if not (torch.is_grad_enabled() and layer.training and isinstance(hidden, torch.Tensor)):
             return original(hidden, *rest, **kwargs)
         params = trainable_params(layer)
@@ -205,7 +194,7 @@ def _make_forward(layer: nn.Module, original: Callable, state: _PassState, posit
         if not (hidden.requires_grad or params or grad_slots):
             return original(hidden, *rest, **kwargs)  # nothing to differentiate
         run = _Run()
-        run.layer, run.original, run.state, run.position = layer, original, state, position
+        run.original, run.state, run.position = original, state, position
         run.spec, run.grad_slots, run.extra_outputs = spec, grad_slots, None
         grad_tensors = [flat[i] for i in grad_slots]
         for i in grad_slots:
