@@ -316,6 +316,34 @@ def test_encoding_error_names_the_line(tok, tmp_path):
         load_data(cfg(data=str(path)), tok, MAX_POSITIONS)
 
 
+def test_json_array_and_csv_errors_name_the_line(tok, tmp_path):
+    array = tmp_path / "a.json"
+    array.write_text('[\n  {"prompt": "a", "completion": "b"},\n\n  {"prompt": "c",\n   "completion": ""}\n]\n')
+    with pytest.raises(UserError, match=rf"^{array}:4: expected a non-empty 'completion'"):
+        load_data(cfg(data=str(array)), tok, MAX_POSITIONS)
+    table = tmp_path / "t.csv"
+    table.write_text('prompt,completion\n"multi\nline",x\nonly a prompt\n')
+    with pytest.raises(UserError, match=rf"^{table}:4: expected field 'completion'"):
+        load_data(cfg(data=str(table)), tok, MAX_POSITIONS)
+    table.write_bytes(b"text\nfine\nbad \xff byte\n")
+    with pytest.raises(UserError, match=rf"^{table}:3: expected UTF-8 text"):
+        load_data(cfg(data=str(table)), tok, MAX_POSITIONS)
+
+
+def test_chat_template_rejection_names_the_line(tok, tmp_path):
+    strict = tok.__class__(tokenizer_object=tok.backend_tokenizer, eos_token="<|endoftext|>")
+    strict.chat_template = ("{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('start with a user turn') }}"
+                            "{% endif %}" + CHAT_TEMPLATE)
+    path = write_jsonl(tmp_path / "c.jsonl", [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+        {"messages": [{"role": "assistant", "content": "yo"}]},
+    ])
+    with pytest.raises(UserError, match=rf"^{path}:2: the tokenizer's chat template rejected .*start with a user turn"):
+        load_data(cfg(data=str(path)), strict, MAX_POSITIONS)
+    bundle = load_data(cfg(data=str(path), skip_bad_lines=True), strict, MAX_POSITIONS)
+    assert len(bundle.train) == 1 and any(n.startswith("skipped 1 bad record(s)") for n in bundle.notes)
+
+
 def test_skip_bad_lines_reports_how_many(tok):
     path = FIXTURES / "bad_lines.jsonl"
     with pytest.raises(UserError, match=rf"{path}:3: expected one JSON object"):

@@ -22,6 +22,7 @@ Record formats (auto-detected from the fields; `cfg.data_format` overrides):
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import random
@@ -34,8 +35,9 @@ from memtune.errors import UserError
 
 IGNORE_INDEX = -100
 DEFAULT_BUILTIN_TRAIN = 2000
-# Random data has no natural size; enough distinct rows that batches differ.
-DEFAULT_RANDOM_EXAMPLES = 64
+# Random data has no natural size. Rows beyond one batch change neither memory nor
+# speed, and at 100k+ tokens each row costs host memory, so keep only a few.
+MIN_RANDOM_EXAMPLES = 8
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 # A user file gets a held-out eval split of at most this fraction of its records,
@@ -102,6 +104,8 @@ class _Rendered:
     segments: list[tuple[str, bool]]
     eval_prompt: str | None = None
     reference: str | None = None
+    # A chat template writes its own special tokens: no BOS prefix, no EOS suffix added.
+    templated: bool = False
 
 
 # --------------------------------------------------------------------------
@@ -118,8 +122,10 @@ def load_data(cfg, tokenizer, max_positions: int | None) -> DataBundle:
     train_records, eval_records, skipped, source_notes = _read_source(cfg)
     notes += source_notes
     fmt = _resolve_format(cfg, train_records)
-    train_rendered, bad_train = _render_all(train_records, fmt, cfg.skip_bad_lines)
-    eval_rendered, bad_eval = _render_all(eval_records, fmt, cfg.skip_bad_lines)
+    if fmt == "messages":
+        _require_chat_template(tokenizer)
+    train_rendered, bad_train = _render_all(train_records, fmt, cfg.skip_bad_lines, tokenizer)
+    eval_rendered, bad_eval = _render_all(eval_records, fmt, cfg.skip_bad_lines, tokenizer)
     skipped += bad_train + bad_eval
     if skipped:
         notes.append(f"skipped {len(skipped)} bad record(s) (skip_bad_lines); first: {skipped[0]}")
@@ -128,7 +134,7 @@ def load_data(cfg, tokenizer, max_positions: int | None) -> DataBundle:
     if cfg.train_examples and len(train_rendered) > cfg.train_examples:
         notes.append(f"train_examples: using the first {cfg.train_examples} of {len(train_rendered)} training records")
         train_rendered = train_rendered[: cfg.train_examples]
-    examples = [_tokenize(r, tokenizer, cfg.train_on_prompt) for r in train_rendered]
+    examples = tokenize_rendered(train_rendered, tokenizer, cfg.train_on_prompt)
     examples = _drop_untrainable(examples, notes, "has no trainable tokens (empty completion after masking)")
     seq_len = _effective_seq_len(cfg, examples, limit, max_positions, notes)
     examples = _apply_long_policy(examples, seq_len, cfg.long_examples, notes)
@@ -214,7 +220,8 @@ def _parse_json_line(raw: bytes, where: str) -> dict | None:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise UserError(f"{where}: expected UTF-8 text; byte {exc.start + 1} is not valid UTF-8") from None
+        raise UserError(f"{where}: expected UTF-8 text; found byte 0x{raw[exc.start]:02x} at column "
+                        f"{exc.start + 1}") from None
     if not text.strip():
         return None  # blank lines are allowed
     try:
@@ -227,35 +234,69 @@ def _parse_json_line(raw: bytes, where: str) -> dict | None:
 
 
 def _read_json(path: Path, skip_bad: bool) -> tuple[list[_Record], list[str]]:
-    """A JSON array of objects (or {"data": [...]}); records are numbered from 1."""
+    """A JSON array of objects (or {"data": [...]}); each record is named by its line."""
+    text = _decode_utf8(path.read_bytes(), path)
     try:
-        value = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: expected UTF-8 text; byte {exc.start + 1} is not valid UTF-8") from None
+        value = json.loads(text)
     except json.JSONDecodeError as exc:
-        if exc.msg == "Extra data":  # several objects: it is JSON Lines named .json
+        if exc.msg == "Extra data":  # several top-level objects: it is JSON Lines named .json
             return _read_jsonl(path, skip_bad)
         raise UserError(f"{path}:{exc.lineno}: expected valid JSON; {exc.msg} at column {exc.colno}") from None
     if isinstance(value, dict) and isinstance(value.get("data"), list):
         value = value["data"]
+        return [_Record(f"{path}: data record {i}", item) for i, item in enumerate(value, start=1)
+                if _is_object(item, f"{path}: data record {i}")], []
     if isinstance(value, dict):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        return [_Record(f"{path}:1", value)], []
+    if not isinstance(value, list):
         raise UserError(f"{path}: expected a JSON array of record objects; got {type(value).__name__}")
-    return [_Record(f"{path}: record {i}", item) for i, item in enumerate(value, start=1)], []
+    records = []
+    for line, item in zip(_array_item_lines(text), value):
+        if _is_object(item, f"{path}:{line}"):
+            records.append(_Record(f"{path}:{line}", item))
+    return records, []
+
+
+def _is_object(item: Any, where: str) -> bool:
+    if not isinstance(item, dict):
+        raise UserError(f"{where}: expected a JSON object {{...}}; got {type(item).__name__}")
+    return True
+
+
+def _array_item_lines(text: str) -> Iterator[int]:
+    """The line each item of a top-level JSON array starts on (the text is known to be valid)."""
+    decoder = json.JSONDecoder()
+    index = text.index("[") + 1
+    line = 1 + text.count("\n", 0, index)
+    while True:
+        while text[index] in " \t\r\n,":
+            line += text[index] == "\n"
+            index += 1
+        if text[index] == "]":
+            return
+        yield line
+        _, end = decoder.raw_decode(text, index)
+        line += text.count("\n", index, end)
+        index = end
+
+
+def _decode_utf8(raw: bytes, path: Path) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise UserError(f"{path}:{line}: expected UTF-8 text; found byte 0x{raw[exc.start]:02x}") from None
 
 
 def _read_csv(path: Path) -> list[_Record]:
-    """CSV with a header row; `where` is the line the record starts on."""
+    """CSV with a header row; a record is named by the line it starts on."""
+    handle = io.StringIO(_decode_utf8(path.read_bytes(), path), newline="")
+    reader = csv.DictReader(handle)
+    records, start = [], 2
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            records, start = [], 2
-            for row in reader:
-                records.append(_Record(f"{path}:{start}", {k: v for k, v in row.items() if k is not None}))
-                start = reader.line_num + 1
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: expected UTF-8 text; byte {exc.start + 1} of a block is not valid UTF-8") from None
+        for row in reader:
+            records.append(_Record(f"{path}:{start}", {k: v for k, v in row.items() if k is not None}))
+            start = reader.line_num + 1
     except csv.Error as exc:
         raise UserError(f"{path}:{reader.line_num}: expected valid CSV; {exc}") from None
     return records
@@ -367,12 +408,13 @@ def detect_format(record: dict, where: str = "data") -> str:
                     f"{expected} (or set data_format)")
 
 
-def _render_all(records: list[_Record], fmt: str, skip_bad: bool) -> tuple[list[_Rendered], list[str]]:
+def _render_all(records: list[_Record], fmt: str, skip_bad: bool,
+                tokenizer) -> tuple[list[_Rendered], list[str]]:
     """Render every record; collect (or raise) the problems, each as 'where: what'."""
     rendered, skipped = [], []
     for record in records:
         try:
-            rendered.append(render_record(record.fields, fmt, record.where))
+            rendered.append(render_record(record.fields, fmt, record.where, tokenizer))
         except UserError as exc:
             if not skip_bad:
                 raise
@@ -380,8 +422,9 @@ def _render_all(records: list[_Record], fmt: str, skip_bad: bool) -> tuple[list[
     return rendered, skipped
 
 
-def render_record(record: dict, fmt: str, where: str) -> _Rendered:
-    """One record -> its segments, eval prompt and reference. Raises UserError naming `where`."""
+def render_record(record: dict, fmt: str, where: str, tokenizer=None) -> _Rendered:
+    """One record -> its segments, eval prompt and reference. Raises UserError naming `where`.
+    The tokenizer is needed only for chats (its chat template)."""
     if fmt == "text":
         return _Rendered([(_text_field(record, "text", where, fmt), True)])
     if fmt == "prompt_completion":
@@ -401,7 +444,8 @@ def render_record(record: dict, fmt: str, where: str) -> _Rendered:
         prompt = template.format(instruction=instruction, input=extra)
         return _Rendered([(prompt, False), (output, True)], prompt, final_answer(output))
     if fmt == "messages":
-        return _Rendered(_check_messages(record, where))  # rendered with the chat template at tokenization
+        messages = _check_messages(record, where)
+        return _Rendered(chat_segments(messages, tokenizer, where), templated=True)
     raise UserError(f"data_format: unknown format {fmt!r}")
 
 
@@ -421,8 +465,8 @@ def _text_field(record: dict, name: str, where: str, fmt: str, allow_empty: bool
     return value
 
 
-def _check_messages(record: dict, where: str) -> list:
-    """Validate a chat list; it is rendered later, once the tokenizer is at hand."""
+def _check_messages(record: dict, where: str) -> list[dict]:
+    """Validate a chat list before the template sees it, so errors name the record."""
     messages = record.get("messages")
     if not isinstance(messages, list) or not messages:
         raise UserError(f"{where}: expected 'messages' to be a non-empty list of {{role, content}} objects")
@@ -438,7 +482,7 @@ def _check_messages(record: dict, where: str) -> list:
             raise UserError(f"{where}: message {i}: expected a non-empty assistant message")
     if not any(m["role"] == "assistant" for m in messages):
         raise UserError(f"{where}: expected at least one assistant message to train on")
-    return [("__messages__", messages)]
+    return messages
 
 
 def final_answer(text: str) -> str | None:
@@ -486,77 +530,76 @@ def _split_eval(cfg, fmt: str, train: list[_Rendered], given_eval: list[_Rendere
 # --------------------------------------------------------------------------
 
 
-def _tokenize(rendered: _Rendered, tokenizer, train_on_prompt: bool) -> TrainExample:
+def tokenize_rendered(rendered: list[_Rendered], tokenizer, train_on_prompt: bool) -> list[TrainExample]:
     """Segments -> ids and labels. Each segment is tokenized alone, so the prompt's tokens
-    are exactly those the model sees at generation time and the mask boundary is exact."""
-    segments = rendered.segments
-    if segments and segments[0][0] == "__messages__":
-        segments = chat_segments(segments[0][1], tokenizer)
-        prefix, suffix = [], []  # the chat template writes its own special tokens
-    else:
-        prefix = _special_prefix(tokenizer)
-        suffix = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    input_ids, labels = list(prefix), [IGNORE_INDEX] * len(prefix)
-    for text, trainable in segments:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-        input_ids += ids
-        labels += ids if (trainable or train_on_prompt) else [IGNORE_INDEX] * len(ids)
-    # EOS ends the completion: trained on, so the model learns to stop.
-    input_ids += suffix
-    labels += suffix
-    return TrainExample(input_ids, labels)
+    are exactly those the model sees at generation time and the mask boundary is exact.
+    All segments go to the tokenizer in one batched call: fast tokenizers parallelise it."""
+    texts = [text for r in rendered for text, _ in r.segments]
+    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    prefix = _special_prefix(tokenizer)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    examples = []
+    for record in rendered:
+        head, tail = ([], []) if record.templated else (prefix, eos)
+        input_ids, labels = list(head), [IGNORE_INDEX] * len(head)
+        for _, trainable in record.segments:
+            ids = next(encoded)
+            input_ids += ids
+            labels += ids if (trainable or train_on_prompt) else [IGNORE_INDEX] * len(ids)
+        # EOS ends the completion and is trained on, so the model learns to stop.
+        examples.append(TrainExample(input_ids + tail, labels + tail))
+    return examples
 
 
 def _special_prefix(tokenizer) -> list[int]:
     """The tokens the tokenizer puts before a text (BOS for Llama-style models, none for Qwen)."""
-    cached = getattr(tokenizer, "_memtune_prefix", None)
-    if cached is not None:
-        return cached
-    probe = "a"
-    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
-    full = tokenizer(probe)["input_ids"]
-    prefix = []
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
     for i in range(len(full) - len(plain) + 1):
         if full[i:i + len(plain)] == plain:
-            prefix = list(full[:i])
-            break
-    try:
-        tokenizer._memtune_prefix = prefix
-    except AttributeError:
-        pass
-    return prefix
+            return list(full[:i])
+    return []
 
 
-def chat_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
+def _require_chat_template(tokenizer) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("data: the messages format needs a tokenizer with a chat template; this one has none "
+                        "(use data_format prompt_completion, or a model whose tokenizer has one)")
+
+
+def chat_segments(messages: list[dict], tokenizer, where: str = "data") -> list[tuple[str, bool]]:
     """Render a chat with the tokenizer's template; the assistant turns are the trainable spans.
 
     Each assistant turn spans from the end of the conversation-so-far rendered with the
     generation prompt to the end of the conversation including that turn, so the turn's
     end-of-turn token is trained (the model learns to stop) and the role header is not.
     """
-    if not getattr(tokenizer, "chat_template", None):
-        raise UserError("data: the messages format needs a tokenizer with a chat template; this one has none")
-    full = _render_chat(tokenizer, messages, False)
+    _require_chat_template(tokenizer)
+    full = _render_chat(tokenizer, messages, False, where)
     segments, done = [], 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render_chat(tokenizer, messages[:i], True)
-        upto = _render_chat(tokenizer, messages[: i + 1], False)
+        before = _render_chat(tokenizer, messages[:i], True, where)
+        upto = _render_chat(tokenizer, messages[: i + 1], False, where)
         start, end = len(before), len(upto)
         if start < done or not upto.startswith(before) or not full.startswith(upto):
-            raise UserError("data: the tokenizer's chat template rewrites earlier turns, so assistant turns "
-                            "cannot be located for masking; use data_format prompt_completion instead")
+            raise UserError(f"{where}: the tokenizer's chat template rewrites earlier turns, so assistant "
+                            f"turns cannot be located for masking; use data_format prompt_completion instead")
         segments += [(full[done:start], False), (full[start:end], True)]
         done = end
     segments.append((full[done:], False))
     return [(text, trainable) for text, trainable in segments if text]
 
 
-def _render_chat(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
+def _render_chat(tokenizer, messages: list[dict], generation_prompt: bool, where: str) -> str:
     if not messages:
         return ""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as exc:  # jinja2 TemplateError, or raise_exception() inside the template
+        raise UserError(f"{where}: the tokenizer's chat template rejected this conversation: "
+                        f"{_one_line(exc)}") from None
 
 
 def _pad_id(tokenizer) -> int:
@@ -660,7 +703,7 @@ def _random_bundle(cfg, tokenizer, limit: int, max_positions: int | None) -> Dat
     notes: list[str] = []
     _effective_seq_len(cfg, [], limit, max_positions, notes)
     vocab = len(tokenizer) if tokenizer is not None else 32000
-    count = cfg.train_examples or DEFAULT_RANDOM_EXAMPLES
+    count = cfg.train_examples or max(MIN_RANDOM_EXAMPLES, cfg.batch_size)
     generator = torch.Generator().manual_seed(cfg.seed)
     ids = torch.randint(0, vocab, (count, limit), generator=generator).tolist()
     examples = [TrainExample(row, list(row)) for row in ids]
