@@ -175,6 +175,21 @@ def test_json_csv_parquet_and_dataset_dir_match_jsonl(tok, tmp_path):
         assert got == expected, name
 
 
+def test_folder_of_data_files_loads_through_datasets(tok, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [{"text": f"line {i}"} for i in range(3)])
+    bundle = load_data(cfg(data=str(folder)), tok, MAX_POSITIONS)
+    assert [tok.decode(e.input_ids) for e in bundle.train] == [f"line {i}<|endoftext|>" for i in range(3)]
+
+
+def test_records_all_bad_after_parsing_is_a_user_error(tok, tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "completion": ""}, {"prompt": "b", "completion": " "}])
+    with pytest.raises(UserError, match=rf"no usable records; all 2 were bad .*first: {path}:1: expected a non-empty"):
+        load_data(cfg(data=str(path), skip_bad_lines=True), tok, MAX_POSITIONS)
+
+
 def test_dataset_dict_dir_uses_its_test_split_for_eval(tok, tmp_path):
     import datasets
 
@@ -356,7 +371,7 @@ def test_skip_bad_lines_reports_how_many(tok):
 def test_all_lines_bad_is_a_user_error(tok, tmp_path):
     path = tmp_path / "allbad.jsonl"
     path.write_text('{"prompt": "a"\n{oops\n')
-    with pytest.raises(UserError, match="no records found"):
+    with pytest.raises(UserError, match=rf"no usable records; all 2 were bad .*first: {path}:1: expected one JSON"):
         load_data(cfg(data=str(path), skip_bad_lines=True), tok, MAX_POSITIONS)
 
 

@@ -27,7 +27,7 @@ import json
 import os
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -121,12 +121,14 @@ def load_data(cfg, tokenizer, max_positions: int | None) -> DataBundle:
     notes: list[str] = []
     train_records, eval_records, skipped, source_notes = _read_source(cfg)
     notes += source_notes
+    _require_records(cfg, train_records, skipped)
     fmt = _resolve_format(cfg, train_records)
     if fmt == "messages":
         _require_chat_template(tokenizer)
     train_rendered, bad_train = _render_all(train_records, fmt, cfg.skip_bad_lines, tokenizer)
     eval_rendered, bad_eval = _render_all(eval_records, fmt, cfg.skip_bad_lines, tokenizer)
     skipped += bad_train + bad_eval
+    _require_records(cfg, train_rendered, skipped)
     if skipped:
         notes.append(f"skipped {len(skipped)} bad record(s) (skip_bad_lines); first: {skipped[0]}")
     notes.append(f"data: {_describe_source(cfg)}, format {fmt}, {len(train_rendered) + len(eval_rendered)} records")
@@ -135,12 +137,12 @@ def load_data(cfg, tokenizer, max_positions: int | None) -> DataBundle:
         notes.append(f"train_examples: using the first {cfg.train_examples} of {len(train_rendered)} training records")
         train_rendered = train_rendered[: cfg.train_examples]
     examples = tokenize_rendered(train_rendered, tokenizer, cfg.train_on_prompt)
-    examples = _drop_untrainable(examples, notes, "has no trainable tokens (empty completion after masking)")
+    examples = _drop_untrainable(examples, notes, "had no trainable tokens")
     seq_len = _effective_seq_len(cfg, examples, limit, max_positions, notes)
     examples = _apply_long_policy(examples, seq_len, cfg.long_examples, notes)
     if not examples:
-        raise UserError(f"data: no training examples left in {cfg.data} after filtering (see the notes above: "
-                        f"{'; '.join(notes[-2:])})")
+        why = [n for n in notes if n.startswith(("skipped", "dropped", "long_examples"))]
+        raise UserError(f"data: no training examples left in {cfg.data} after filtering: {'; '.join(why)}")
     if cfg.packing:
         examples = pack_examples(examples, seq_len, cfg.seed, notes)
     return DataBundle(train=examples, eval=evals, seq_len=seq_len, notes=notes,
@@ -163,7 +165,7 @@ def _read_source(cfg) -> tuple[list[_Record], list[_Record], list[str], list[str
         return records, [], skipped, []
     if path.is_dir():
         return _read_dataset_dir(path)
-    if path.suffix.lower() in FILE_SUFFIXES or "/" in cfg.data and not _looks_like_hub_id(cfg.data):
+    if path.suffix.lower() in FILE_SUFFIXES or ("/" in cfg.data and not _looks_like_hub_id(cfg.data)):
         raise UserError(f"data: file not found: {path}")
     return _read_cached_dataset(cfg.data)
 
@@ -390,11 +392,19 @@ def _describe_source(cfg) -> str:
 # --------------------------------------------------------------------------
 
 
+def _require_records(cfg, records: list, skipped: list[str]) -> None:
+    """An empty data set is an error, never a run that trains on nothing."""
+    if records:
+        return
+    if skipped:
+        raise UserError(f"data: {cfg.data}: no usable records; all {len(skipped)} were bad and skipped "
+                        f"(skip_bad_lines); first: {skipped[0]}")
+    raise UserError(f"data: {cfg.data}: no records found (the data set is empty)")
+
+
 def _resolve_format(cfg, records: list[_Record]) -> str:
     if cfg.data_format != "auto":
         return cfg.data_format
-    if not records:
-        raise UserError(f"data: {cfg.data}: no records found (the data set is empty)")
     return detect_format(records[0].fields, records[0].where)
 
 
@@ -665,8 +675,9 @@ def pack_examples(examples: list[TrainExample], seq_len: int, seed: int,
     """Concatenate shuffled examples into sequences of at most seq_len tokens.
 
     position_ids restart at 0 for each example: transformers (find_packed_sequence_indices)
-    turns that into a block-diagonal causal mask when no attention_mask is passed, so no
-    example attends to another. The first token of each example gets label -100: the
+    turns that into a block-diagonal causal mask, so no example attends to another. It
+    does so only when the model gets no attention_mask and no cache: call it with
+    use_cache=False, or a DynamicCache is created and the examples do see each other. The first token of each example gets label -100: the
     model's label shift would otherwise train it to predict that token from the
     previous example's last token.
     """
@@ -730,9 +741,10 @@ def iterate_batches(bundle: DataBundle, cfg, seed: int) -> Iterator[dict]:
     """
     if not bundle.train:
         raise UserError("data: no training examples to iterate over")
-    fixed = bundle.seq_len if (bundle.packed or cfg.packing or cfg.data == "random") else None
+    packed = bundle.packed or cfg.packing
+    fixed = bundle.seq_len if (packed or cfg.data == "random") else None
     for indices in _batch_indices(len(bundle.train), cfg.batch_size, seed):
-        yield collate([bundle.train[i] for i in indices], bundle.pad_token_id, fixed, bundle.packed or cfg.packing)
+        yield collate([bundle.train[i] for i in indices], bundle.pad_token_id, fixed, packed)
 
 
 def _batch_indices(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
