@@ -46,14 +46,19 @@ def _grads(fn, tensors):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("n_tokens,chunk", [(37, 8), (64, 64), (50, 1000), (9, 1)])
-def test_chunked_ce_matches_full_logits(dtype, with_bias, n_tokens, chunk):
+@pytest.mark.parametrize("mask", ["strided", "prompt", "none"])
+def test_chunked_ce_matches_full_logits(dtype, with_bias, n_tokens, chunk, mask):
     torch.manual_seed(0)
     hidden_size, vocab = 24, 61
     hidden = torch.randn(n_tokens, hidden_size, dtype=dtype, requires_grad=True)
     weight = (torch.randn(vocab, hidden_size) * 0.3).to(dtype).requires_grad_()
     bias = torch.randn(vocab, dtype=dtype, requires_grad=True) if with_bias else None
     labels = torch.randint(0, vocab, (n_tokens,))
-    labels[::4] = -100
+    if mask == "strided":
+        labels[::4] = -100
+    elif mask == "prompt":  # one labelled run in the middle: the slice path
+        labels[: n_tokens // 3] = -100
+        labels[-1] = -100
     tensors = [t for t in (hidden, weight, bias) if t is not None]
     loss, grads = _grads(lambda: chunked_linear_cross_entropy(hidden, weight, labels, bias, chunk_tokens=chunk), tensors)
     ref, ref_grads = _grads(lambda: _reference(hidden, weight, labels, bias), tensors)

@@ -77,7 +77,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
         valid_idx = (labels != ignore_index).nonzero().squeeze(1)  # one host sync per call
         n_valid = int(valid_idx.numel())
-        all_valid = n_valid == n_tokens
+        # Labelled tokens forming one run (all of them, or a masked prompt / the shifted-out
+        # last position) are a slice: no gather of hidden, no scatter of its gradient.
+        first = 0
+        contiguous = n_valid == n_tokens
+        if n_valid and not contiguous:
+            first, last = valid_idx[[0, -1]].tolist()
+            contiguous = last - first + 1 == n_valid
 
         grad_hidden = torch.zeros_like(hidden) if need_h else None
         grad_weight = torch.zeros(vocab, weight.shape[1], dtype=torch.float32, device=weight.device) if need_w else None
@@ -85,8 +91,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
 
         if n_valid:
-            h_all = hidden if all_valid else hidden.index_select(0, valid_idx)  # [Nv, H]: tokens with a label
-            y_all = labels if all_valid else labels.index_select(0, valid_idx)
+            if contiguous:
+                h_all, y_all = hidden[first:first + n_valid], labels[first:first + n_valid]
+            else:  # [Nv, H]: only the tokens with a label
+                h_all, y_all = hidden.index_select(0, valid_idx), labels.index_select(0, valid_idx)
             inv_n = 1.0 / n_valid
             for start in range(0, n_valid, chunk_tokens):
                 h = h_all[start:start + chunk_tokens]
@@ -117,8 +125,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     del z
                     if need_h:
                         gh = g @ w                         # [C, H]
-                        if all_valid:
-                            grad_hidden[start:start + gh.shape[0]] = gh
+                        if contiguous:
+                            grad_hidden[first + start:first + start + gh.shape[0]] = gh
                         else:
                             grad_hidden.index_copy_(0, valid_idx[start:start + gh.shape[0]], gh.to(grad_hidden.dtype))
                     if need_w:
