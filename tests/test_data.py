@@ -470,3 +470,24 @@ def test_packed_examples_never_attend_to_each_other(tok, tmp_path, attention):
             torch.testing.assert_close(packed[start:end], alone, atol=1e-5, rtol=1e-4)
             checked += 1
     assert checked == 3
+
+
+# --------------------------------------------------------------------------- the shipped tokenizer
+
+TINY = Path(__file__).parents[1] / "src" / "memtune" / "assets" / "tiny"
+
+
+@pytest.mark.skipif(not (TINY / "tokenizer.json").is_file(), reason="tiny model assets not present")
+def test_shipped_tiny_tokenizer_builtin_and_chat():
+    from transformers import AutoTokenizer
+
+    tiny = AutoTokenizer.from_pretrained(str(TINY))
+    bundle = load_data(cfg(data="builtin", train_examples=20, eval_examples=4), tiny, 512)
+    for example in bundle.train:
+        trained = [t for t in example.labels if t != IGNORE_INDEX]
+        text = tiny.decode(example.input_ids)
+        assert text.startswith("Question: ") and "#### " in tiny.decode(trained)
+        assert text.endswith(tiny.decode(trained)) and not tiny.decode(trained).startswith("Question")
+    assert len(bundle.eval) == 4
+    chats = load_data(cfg(data=str(FIXTURES / "chat_sample.jsonl")), tiny, 512)
+    assert all(any(t != IGNORE_INDEX for t in e.labels) for e in chats.train)
