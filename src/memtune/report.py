@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 from memtune.config import write_text_atomic
 from memtune.errors import UserError
-from memtune.store import DB_NAME, ResultStore
+from memtune.store import DB_NAME, STATUSES, ResultStore
 
 GIB = 2**30
 AXIS_NAMES = {
@@ -393,7 +393,7 @@ def _header(store: ResultStore, studies: list[dict], runs: list[dict]) -> list[s
         f"- GPU: {', '.join(gpus) if gpus else 'none (' + (', '.join(devices) or 'cpu') + ')'}",
         "- Versions: " + (", ".join(f"{k} {'/'.join(v)}" for k, v in versions.items()) or "-"),
         f"- Git commit: {', '.join(c[:12] for c in commits) if commits else '-'}",
-        f"- Runs: {len(runs)} (" + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ")",
+        f"- Runs: {len(runs)} (" + ", ".join(f"{counts[s]} {s}" for s in STATUSES if counts.get(s)) + ")",
     ]
     if runs:
         lines.append(f"- Run dates: {min(r['started_at'] for r in runs)} .. {max(r['finished_at'] for r in runs)}")

@@ -141,7 +141,8 @@ class ResultStore:
 
     def __init__(self, path: str | Path, *, create: bool = True, timeout: float = 10.0):
         self.path = Path(path)
-        if self.path.is_dir():
+        # A directory (existing, or new without a database suffix) holds DIR/results.sqlite.
+        if self.path.is_dir() or (not self.path.exists() and self.path.suffix not in (".sqlite", ".sqlite3", ".db")):
             self.path = self.path / DB_NAME
         if not self.path.exists():
             if not create:
