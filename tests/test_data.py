@@ -250,7 +250,8 @@ def test_random_data_capped_by_model_positions(tok):
 
 def _lengths_file(tmp_path):
     # Two short examples and one far longer than the others.
-    return write_jsonl(tmp_path / "l.jsonl", [{"text": "a b"}, {"text": "c d e"}, {"text": " ".join("xyz" * 3 for _ in range(30))}])
+    long_text = " ".join("xyz" * 3 for _ in range(30))
+    return write_jsonl(tmp_path / "l.jsonl", [{"text": "a b"}, {"text": "c d e"}, {"text": long_text}])
 
 
 def test_seq_len_capped_by_the_longest_example(tok, tmp_path):
@@ -303,7 +304,8 @@ def test_no_eval_without_reference_answers(tok, tmp_path):
     path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": f"say {i}", "completion": " words"} for i in range(20)])
     bundle = load_data(cfg(data=str(path), eval_examples=5), tok, MAX_POSITIONS)
     assert bundle.eval == [] and len(bundle.train) == 20
-    numeric = write_jsonl(tmp_path / "num.jsonl", [{"prompt": f"{i} + 1 =", "completion": f" {i + 1}"} for i in range(20)])
+    numeric = write_jsonl(tmp_path / "num.jsonl",
+                          [{"prompt": f"{i} + 1 =", "completion": f" {i + 1}"} for i in range(20)])
     assert len(load_data(cfg(data=str(numeric), eval_examples=5), tok, MAX_POSITIONS).eval) == 4
 
 
@@ -406,10 +408,12 @@ def test_batches_are_right_padded_seeded_and_endless(tok, tmp_path):
     for batch in batches:
         assert set(batch) == {"input_ids", "labels"}
         assert batch["input_ids"].dtype == torch.long and batch["input_ids"].shape[0] == 2
-        lengths = (batch["labels"] != IGNORE_INDEX).int().cumsum(1).argmax(1) + 1  # last trained position + 1
-        assert batch["input_ids"].shape[1] == lengths.max()  # padded to the batch's own length
-        pad = batch["input_ids"] == bundle.pad_token_id
-        assert (batch["labels"][pad & (torch.arange(batch["labels"].shape[1]) >= lengths[:, None])] == IGNORE_INDEX).all()
+        # Every example ends with a trained EOS, so its length is its last trained position + 1.
+        lengths = [max(i for i, t in enumerate(row) if t != IGNORE_INDEX) + 1 for row in batch["labels"].tolist()]
+        assert batch["input_ids"].shape[1] == max(lengths)  # padded to the batch's own length
+        for row, n in enumerate(lengths):
+            assert (batch["input_ids"][row, n:] == bundle.pad_token_id).all()
+            assert (batch["labels"][row, n:] == IGNORE_INDEX).all()
     again = iterate_batches(bundle, config, seed=1)
     assert all(torch.equal(b["input_ids"], next(again)["input_ids"]) for b in batches)
     other = iterate_batches(bundle, config, seed=2)

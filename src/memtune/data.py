@@ -177,7 +177,8 @@ def _builtin_records(cfg) -> tuple[list[_Record], list[_Record], list[str], list
     n_train = cfg.train_examples or DEFAULT_BUILTIN_TRAIN
     train = [_Record(f"builtin train #{i}", r) for i, r in enumerate(arith.generate("train", n_train, cfg.seed))]
     n_eval = cfg.eval_examples if cfg.eval else 0
-    test = [_Record(f"builtin test #{i}", r) for i, r in enumerate(arith.generate("test", n_eval, cfg.seed))] if n_eval else []
+    test_rows = arith.generate("test", n_eval, cfg.seed) if n_eval else []
+    test = [_Record(f"builtin test #{i}", r) for i, r in enumerate(test_rows)]
     return train, test, [], []
 
 
@@ -319,7 +320,7 @@ def _read_dataset_dir(path: Path) -> tuple[list[_Record], list[_Record], list[st
     import datasets
 
     try:
-        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        if any((path / name).is_file() for name in ("dataset_info.json", "dataset_dict.json", "state.json")):
             loaded = datasets.load_from_disk(str(path))
         else:
             with _offline():
@@ -375,7 +376,8 @@ def _split_records(loaded, name: str) -> tuple[list[_Record], list[_Record], lis
     eval_name = next((s for s in ("test", "validation") if s in loaded and s != train_name), None)
     train = _dataset_records(loaded[train_name], name, train_name)
     evals = _dataset_records(loaded[eval_name], name, eval_name) if eval_name else []
-    notes = [f"data: {name}: training on split '{train_name}'" + (f", evaluating on '{eval_name}'" if eval_name else "")]
+    evaluating = f", evaluating on '{eval_name}'" if eval_name else ""
+    notes = [f"data: {name}: training on split '{train_name}'{evaluating}"]
     return train, evals, [], notes
 
 
@@ -677,9 +679,10 @@ def pack_examples(examples: list[TrainExample], seq_len: int, seed: int,
     position_ids restart at 0 for each example: transformers (find_packed_sequence_indices)
     turns that into a block-diagonal causal mask, so no example attends to another. It
     does so only when the model gets no attention_mask and no cache: call it with
-    use_cache=False, or a DynamicCache is created and the examples do see each other. The first token of each example gets label -100: the
-    model's label shift would otherwise train it to predict that token from the
-    previous example's last token.
+    use_cache=False, or a DynamicCache is created and the examples do see each other.
+
+    The first token of each example gets label -100: the model's label shift would
+    otherwise train it to predict that token from the previous example's last token.
     """
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
