@@ -8,8 +8,9 @@ reasoning that ends in `#### <number>`, as in GSM8K, for example
     answer:   "Tom has 3 + 4 = 7 apples. #### 7"
 
 Train and test never share a problem: the split of a problem is a hash of its
-arithmetic core (template and numbers), so the test split does not even hold
-a train problem with another name or item. Problems are small on purpose: the
+arithmetic core (the expressions it computes, e.g. "3 * 4; 12 + 2"), so the
+test split does not even hold a train computation with other words, names or
+items. Problems are small on purpose: the
 built-in `tiny` model has well under a million parameters.
 """
 
@@ -103,9 +104,15 @@ TEMPLATES = (
 )
 
 
-def split_of(template_key: str, numbers: tuple[int, ...]) -> Split:
-    """The split a problem belongs to: a stable hash of its template and numbers."""
-    core = f"{template_key}:{','.join(map(str, numbers))}"
+def arithmetic_core(template: Template, numbers: tuple[int, ...]) -> str:
+    """What a problem computes, whatever its wording: "3 + 4", "3 * 4; 12 + 2"."""
+    return "; ".join(expr for expr, _ in template.steps(numbers))
+
+
+def split_of(template: Template, numbers: tuple[int, ...]) -> Split:
+    """The split a problem belongs to: a stable hash of its arithmetic core, so
+    two wordings of the same computation always land in the same split."""
+    core = arithmetic_core(template, numbers)
     bucket = int.from_bytes(hashlib.sha256(core.encode()).digest()[:8], "big") % HASH_BUCKETS
     return "test" if bucket < TEST_BUCKETS else "train"
 
@@ -149,7 +156,7 @@ def generate(split: Split, n: int, seed: int = 0) -> list[dict]:
         if attempts > 200 * n + 10_000:  # the space holds tens of thousands of problems
             raise UserError(f"n: cannot draw {n} distinct {split} problems; ask for fewer")
         template, numbers, name, item = _draw(rng)
-        if split_of(template.key, numbers) != split:
+        if split_of(template, numbers) != split:
             continue
         record = render(template, numbers, name, item)
         if record["question"] in seen:
