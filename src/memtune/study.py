@@ -60,7 +60,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -461,13 +461,22 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    os.setsid()
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
+def _child_setup(parent_pid: int) -> Callable[[], None]:
+    """Runs in the child between fork and exec: own process group, and die with the study.
+
+    A study killed by SIGKILL cannot stop its run; the kernel does it
+    (PR_SET_PDEATHSIG), so no orphaned run keeps the GPU or writes later.
+    """
+    def setup() -> None:
+        os.setsid()
+        if sys.platform.startswith("linux"):
+            try:
+                ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+            except OSError:
+                pass
+            if os.getppid() != parent_pid:  # the study died before prctl took effect
+                os._exit(1)
+    return setup
 
 
 def default_train_command() -> list[str]:
@@ -479,11 +488,12 @@ def _tail(path: Path, lines: int = STDERR_TAIL_LINES) -> str:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return ""
-    kept = [line for line in text.splitlines() if line.strip()]
+    # progress bars (tqdm redraws with \r) are noise in an error message
+    kept = [line for line in text.splitlines() if line.strip() and "%|" not in line]
     return "\n".join(kept[-lines:])[-4000:]
 
 
-_OOM_MARKERS = ("OutOfMemoryError", "CUDA out of memory", "out of memory")
+_OOM_MARKERS = ("OutOfMemoryError", "CUDA out of memory")
 
 
 class Runner:
@@ -511,7 +521,7 @@ class Runner:
         with open(run_dir / "stdout.log", "wb") as out, open(run_dir / "stderr.log", "wb") as err:
             try:
                 proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                        env=self._env(), preexec_fn=_die_with_parent)
+                                        env=self._env(), preexec_fn=_child_setup(os.getpid()))
             except OSError as exc:
                 raise UserError(f"cannot start the train command {shlex.join(cmd[:4])}: {exc.strerror}") from None
             try:
@@ -553,7 +563,7 @@ class Runner:
                 error += ("\n" + tail) if tail else ""
             else:
                 error = tail or f"exit code {code}"
-        return Outcome(status=status, metrics=metrics if status in ("ok", "oom") else metrics, error=error,
+        return Outcome(status=status, metrics=metrics, error=error,
                        exit_code=code, started_at=started, finished_at=finished, elapsed_s=elapsed)
 
 
