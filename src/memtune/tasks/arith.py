@@ -49,25 +49,27 @@ class Template:
     summary: str  # the last sentence of the reasoning; fields as question + r
 
 
+# Number ranges: every intermediate and result stays below 50, small enough
+# for a model of under a million parameters to know all the facts involved.
 def _add(rng):
-    return rng.randint(1, 20), rng.randint(1, 20)
+    return rng.randint(1, 15), rng.randint(1, 15)
 
 
 def _sub(rng):
-    a = rng.randint(2, 30)
+    a = rng.randint(2, 25)
     return a, rng.randint(1, a - 1)
 
 
 def _mul(rng):
-    return rng.randint(2, 9), rng.randint(2, 9)
+    return rng.randint(2, 6), rng.randint(2, 6)
 
 
 def _mul_add(rng):
-    return rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 20)
+    return rng.randint(2, 6), rng.randint(2, 6), rng.randint(1, 12)
 
 
 def _add_sub(rng):
-    a, b = rng.randint(1, 20), rng.randint(1, 20)
+    a, b = rng.randint(1, 15), rng.randint(1, 15)
     return a, b, rng.randint(1, a + b - 1)
 
 
