@@ -67,7 +67,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "bos_token_id": 151643, "eos_token_id": 151643, "use_sliding_window": False,
         },
         "seq_lens": [4096, 16384, 32768, 65536, 131072],
-        "search": (4096, 131072, 4096),  # start, max, granularity
+        "search": (4096, 131072, 8192),  # start, max, bisection granularity
     },
     # a CPU-sized Qwen2 for testing this script's plumbing
     "tiny-test": {
@@ -334,7 +334,7 @@ def _build_stack(stack: str, spec: dict, targets: list[str], device) -> tuple[An
 
         model, _tok = FastLanguageModel.from_pretrained(
             model_name=spec["model_dir"], max_seq_length=spec["seq_len"], dtype=torch.bfloat16,
-            load_in_4bit=True, local_files_only=True)
+            load_in_4bit=True)
         model = FastLanguageModel.get_peft_model(
             model, r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules=targets,
             bias="none", use_gradient_checkpointing="unsloth", random_state=spec["seed"],
@@ -532,7 +532,8 @@ def fmt(value: Any, spec: str) -> str:
 
 
 def _key(r: dict) -> tuple:
-    return (r.get("preset"), r.get("lora_targets"), r.get("gpu_memory_cap"), r.get("stack"), r.get("seq_len"))
+    return (r.get("preset"), r.get("mode", "fixed"), r.get("lora_targets"), r.get("gpu_memory_cap"), r.get("stack"),
+            r.get("seq_len"))
 
 
 def latest_records(records: list[dict], preset: str) -> list[dict]:

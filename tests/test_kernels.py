@@ -348,3 +348,59 @@ def test_offloaded_checkpointing_with_4bit_layers():
     enable_offloaded_checkpointing(off)
     enable_tiled_mlp(off, 5)
     _assert_same(_step(off, ids, labels), plain, torch.float32)
+
+
+# --------------------------------------------------------------------------- benchmarks/compare.py
+
+
+def _compare_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "compare.py"
+    spec = importlib.util.spec_from_file_location("memtune_compare", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compare_records_append_and_summaries(tmp_path):
+    compare = _compare_module()
+    out = tmp_path / "compare.json"
+    base = {"preset": "r1-1.5b", "lora_targets": "qv", "gpu_memory_cap": None, "mode": "fixed"}
+    compare.append_record(out, {**base, "stack": "seed", "seq_len": 4096, "status": "ok", "loss_step1": 11.9})
+    compare.append_record(out, {**base, "stack": "memtune", "seq_len": 4096, "status": "ok", "loss_step1": 11.91})
+    compare.append_record(out, {**base, "stack": "liger", "seq_len": 4096, "status": "ok", "loss_step1": 12.5})
+    compare.append_record(out, {**base, "stack": "seed", "seq_len": 65536, "status": "oom", "error": "OOM"})
+    search = {**base, "mode": "search", "stack": "memtune"}
+    for seq_len, status in ((4096, "ok"), (8192, "ok"), (16384, "oom"), (12288, "ok")):
+        compare.append_record(out, {**search, "seq_len": seq_len, "status": status})
+    records = compare.load_records(out)
+    assert len(records) == 8  # nothing lost
+    problems = compare.loss_agreement(compare.latest_records(records, "r1-1.5b"), 0.05)
+    assert len(problems) == 1 and problems[0].startswith("liger @ 4096")
+    assert compare.search_summary(records, "r1-1.5b")[("qv", None, "memtune")] == {"max_ok": 12288, "min_fail": 16384}
+    md, _png = compare.write_reports(out, "r1-1.5b", 0.05)
+    text = md.read_text()
+    assert "MISMATCH: liger @ 4096" in text and "| qv | - | memtune | 12288 | 16384 |" in text
+    out.write_text("{broken")  # an unreadable file is moved aside, not overwritten
+    compare.append_record(out, {**base, "stack": "seed", "seq_len": 1, "status": "ok"})
+    assert len(compare.load_records(out)) == 1
+    assert list(tmp_path.glob("compare.json.unreadable-*"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("os").environ.get("MEMTUNE_TEST_COMPARE"),
+                    reason="a few minutes of subprocesses; set MEMTUNE_TEST_COMPARE=1")
+def test_compare_plumbing_on_tiny_cpu_model(tmp_path):
+    compare = _compare_module()
+    out = tmp_path / "compare.json"
+    code = compare.main(["--preset", "tiny-test", "--stacks", "seed,memtune", "--seq-lens", "64",
+                         "--steps", "2", "--warmup", "1", "--out", str(out), "--model-cache", str(tmp_path / "m"),
+                         "--work-dir", str(tmp_path)])
+    assert code == 0
+    records = compare.load_records(out)
+    assert [r["stack"] for r in records] == ["seed", "memtune"]
+    assert all(r["status"] == "ok" for r in records), [r.get("error") for r in records]
+    assert abs(records[0]["loss_step1"] - records[1]["loss_step1"]) < 0.05
+    assert out.with_suffix(".md").is_file() and out.with_suffix(".png").is_file()
