@@ -267,6 +267,23 @@ def test_tiled_mlp_matches_untiled(dtype):
     _assert_same(_step(tiled, ids, labels), plain, dtype)
 
 
+def test_tiled_mlp_chunks_the_no_grad_forward_too():
+    # the first (no-grad) pass of a checkpointed layer must not build [tokens, intermediate] whole
+    model = _tiny_lora_model(torch.float32)
+    mlp = model.get_base_model().model.layers[0].mlp
+    x = torch.randn(1, 11, 64)
+    with torch.no_grad():
+        expected = mlp(x)
+    seen = []
+    hook = mlp.gate_proj.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[-2]))
+    enable_tiled_mlp(model, 4)
+    with torch.no_grad():
+        out = mlp(x)
+    hook.remove()
+    assert seen == [4, 4, 3]
+    torch.testing.assert_close(out, expected)
+
+
 def test_tiled_mlp_with_offloaded_checkpointing_matches_plain(dtype):
     base = _tiny_lora_model(dtype)
     ids, labels = _batch(seq=21)

@@ -13,7 +13,10 @@ about 2/3 of a layer's flops); under gradient checkpointing the MLP forward
 then runs three times: forward, checkpoint recompute, tiled backward.
 
 Only the MLP input [tokens, hidden] is saved. The module instance gets its own
-`forward`; without grad mode the original forward runs.
+`forward`. Without anything to differentiate (no grad mode, as in eval or the
+first pass of a checkpointed layer) the chunks run without the autograd
+Function, so the forward peak is bounded by the chunk too; sequences no longer
+than one chunk (generation) call the original forward.
 """
 
 from __future__ import annotations
@@ -30,6 +33,20 @@ __all__ = ["enable_tiled_mlp", "disable_tiled_mlp", "tiled_mlp_chunk"]
 _ATTR = "_memtune_tiled_mlp"
 
 
+def _chunked_forward(run: Callable, chunk: int, x: torch.Tensor) -> torch.Tensor:
+    out = None
+    start = 0
+    with torch.no_grad():
+        for piece in x.split(chunk, dim=-2):
+            y = run(piece)
+            if out is None:
+                out = y.new_empty(*x.shape[:-2], x.shape[-2], y.shape[-1])
+            out.narrow(-2, start, piece.shape[-2]).copy_(y)
+            start += piece.shape[-2]
+            del y
+    return out
+
+
 class _TiledMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run: Callable, chunk: int, x: torch.Tensor, *params: torch.Tensor):
@@ -37,17 +54,7 @@ class _TiledMLP(torch.autograd.Function):
         ctx.rng = RngState(x.device)
         ctx.autocast = autocast_state(x.device.type)
         ctx.save_for_backward(x)
-        out = None
-        start = 0
-        with torch.no_grad():
-            for piece in x.split(chunk, dim=-2):
-                y = run(piece)
-                if out is None:
-                    out = y.new_empty(*x.shape[:-2], x.shape[-2], y.shape[-1])
-                out.narrow(-2, start, piece.shape[-2]).copy_(y)
-                start += piece.shape[-2]
-                del y
-        return out
+        return _chunked_forward(run, chunk, x)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -84,12 +91,14 @@ class _TiledMLP(torch.autograd.Function):
 
 def _make_forward(mlp: nn.Module, original: Callable, chunk: int) -> Callable:
     def forward(x: torch.Tensor, *args, **kwargs):
-        run = original if not (args or kwargs) else (lambda piece: original(piece, *args, **kwargs))
-        if not (torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.dim() >= 2):
-            return original(x, *args, **kwargs)
-        params = trainable_params(mlp)
-        if not (x.requires_grad or params) or x.shape[-2] <= chunk:
+        if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[-2] <= chunk:
             return original(x, *args, **kwargs)  # one chunk: tiling would only add a recompute
+        run = original if not (args or kwargs) else (lambda piece: original(piece, *args, **kwargs))
+        params = trainable_params(mlp) if torch.is_grad_enabled() else []
+        if not (torch.is_grad_enabled() and (x.requires_grad or params)):
+            # nothing to differentiate (eval, or the no-grad first pass of a checkpointed layer):
+            # still chunked, so the [tokens, intermediate] tensors never exist whole
+            return _chunked_forward(run, chunk, x)
         return _TiledMLP.apply(run, chunk, x, *params)
 
     return forward
