@@ -74,17 +74,25 @@ def test_seed_full_extends_seed_with_wider_axes():
 def test_cpu_scale_shrinks_and_says_so():
     plan = expand(load_study("seed"), {"model": "tiny"}, scale=True)
     assert plan.notes and plan.notes[0].startswith("cpu scale:")
-    assert "divided by 32" in plan.notes[0]
-    assert max(r.config.seq_len for r in plan.runs) <= 512
-    assert all(r.config.steps <= 3 and r.config.warmup_steps <= 1 for r in plan.runs)
+    # tiny allows 256 positions: 16384 -> 256
+    assert "divided by 64" in plan.notes[0] and "the model allows 256" in plan.notes[0]
+    assert max(r.config.seq_len for r in plan.runs) <= 256
+    assert all(r.config.steps <= 2 and r.config.warmup_steps <= 1 for r in plan.runs)
     assert all(r.config.eval_examples <= 16 for r in plan.runs)
     assert all(r.config.model == "tiny" for r in plan.runs)
     mem = sorted(r.config.seq_len for r in plan.runs if "seq_len" in r.experiments)
-    assert mem == [32, 128, 512]
-    # runs on real data keep room for their examples
-    assert min(r.config.seq_len for r in plan.runs if r.config.data == "builtin") >= 256
+    assert mem == [16, 64, 256]
+    # runs on real data keep room for their examples; short vs long stays two runs
+    assert sorted(r.config.seq_len for r in plan.runs if "accuracy_seq_len" in r.experiments) == [128, 256]
     # the plan's axis values are those that ran
-    assert sorted(e.axes["seq_len"] for e in plan.entries if e.experiment == "seq_len") == [32, 128, 512]
+    assert sorted(e.axes["seq_len"] for e in plan.entries if e.experiment == "seq_len") == [16, 64, 256]
+
+
+def test_cpu_scale_of_a_long_context_model_stops_at_512():
+    plan = expand(load_study("seed"), scale=True)  # the 1.5B preset allows 131072 positions
+    assert "divided by 32" in plan.notes[0]
+    assert sorted(r.config.seq_len for r in plan.runs if "seq_len" in r.experiments) == [32, 128, 512]
+    assert expand(load_study("seed"), scale=False).notes == []
 
 
 def test_overrides_gpu_memory_and_only():

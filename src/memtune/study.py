@@ -12,8 +12,9 @@ A study is a YAML file (or a built-in name: `seed`, `seed-full`, see
       seq_len: 16384
     cpu_scale:                      # optional: how to shrink the study on a machine without CUDA
       max_seq_len: 512              # lengths divided by a power of two until the longest fits
-      min_data_seq_len: 256         # ... but runs on real data (not random tokens) keep this many
-      steps: 3                      # steps (and warmup_steps, eval_examples) capped at these
+                                    # (and fits the model's max_position_embeddings)
+      min_data_seq_len: 128         # ... but runs on real data (not random tokens) keep this many
+      steps: 2                      # steps (and warmup_steps, eval_examples) capped at these
       warmup_steps: 1
       eval_examples: 16
     experiments:                    # each one is a table of the report
@@ -72,7 +73,7 @@ STUDIES_DIR = Path(__file__).parent / "studies"
 TOP_KEYS = ("name", "description", "extends", "base", "cpu_scale", "experiments")
 EXPERIMENT_KEYS = ("name", "title", "kind", "description", "set", "grid", "variants")
 KINDS = ("memory", "result", "accuracy")
-CPU_SCALE_DEFAULTS: dict[str, int] = {"max_seq_len": 512, "min_data_seq_len": 256, "steps": 3, "warmup_steps": 1,
+CPU_SCALE_DEFAULTS: dict[str, int] = {"max_seq_len": 512, "min_data_seq_len": 128, "steps": 2, "warmup_steps": 1,
                                       "eval_examples": 16}
 # Keys a study may not set: the study decides where each run writes.
 RESERVED_KEYS = ("out",)
@@ -335,25 +336,48 @@ def _points(exp: Experiment) -> list[tuple[str | None, dict[str, Any]]]:
     return out
 
 
-def _cpu_scale(configs: list[RunConfig], rules: dict[str, int]) -> tuple[int, list[str]]:
+def model_max_positions(model: str) -> int | None:
+    """max_position_embeddings of a preset or a local model directory, without loading anything heavy."""
+    try:
+        from memtune.presets import is_preset, preset_config_dict
+
+        if is_preset(model):
+            value = preset_config_dict(model).get("max_position_embeddings")
+        else:
+            path = Path(model) / "config.json"
+            value = json.loads(path.read_text(encoding="utf-8")).get("max_position_embeddings") \
+                if path.is_file() else None
+    except Exception:  # a config we cannot read here is the run's problem, not the plan's
+        return None
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def _cpu_scale(configs: list[RunConfig], rules: dict[str, int]) -> tuple[int, int, list[str]]:
+    """(length divisor, longest length allowed, what was shrunk) for a study run on a CPU."""
     longest = max(c.seq_len for c in configs)
+    cap = rules["max_seq_len"]
+    limits = [m for m in (model_max_positions(name) for name in {c.model for c in configs}) if m]
+    if limits and min(limits) < cap:
+        cap = min(limits)
     factor = 1
-    while longest // factor > rules["max_seq_len"]:
+    while longest // factor > cap:
         factor *= 2
     parts = []
     if factor > 1:
-        parts.append(f"lengths divided by {factor} (longest {longest} -> {longest // factor}; runs on "
-                     f"real data keep >= {rules['min_data_seq_len']})")
+        floor = min(rules["min_data_seq_len"], cap)
+        parts.append(f"lengths divided by {factor} (longest {longest} -> {longest // factor}"
+                     f"{'; the model allows ' + str(cap) if cap < rules['max_seq_len'] else ''}"
+                     f"; runs on real data keep >= {floor})")
     steps = max(c.steps for c in configs)
     if steps > rules["steps"]:
         parts.append(f"steps {steps} -> {rules['steps']} (warmup <= {rules['warmup_steps']})")
     evals = max((c.eval_examples for c in configs if c.eval), default=0)
     if evals > rules["eval_examples"]:
         parts.append(f"eval examples {evals} -> {rules['eval_examples']}")
-    return factor, parts
+    return factor, cap, parts
 
 
-def _scaled(cfg: RunConfig, factor: int, rules: dict[str, int]) -> RunConfig:
+def _scaled(cfg: RunConfig, factor: int, cap: int, rules: dict[str, int]) -> RunConfig:
     changes: dict[str, Any] = {
         "steps": min(cfg.steps, rules["steps"]),
         "warmup_steps": min(cfg.warmup_steps, rules["warmup_steps"], max(0, min(cfg.steps, rules["steps"]) - 1)),
@@ -361,7 +385,7 @@ def _scaled(cfg: RunConfig, factor: int, rules: dict[str, int]) -> RunConfig:
     }
     if factor > 1:
         # Real examples must still fit: a run on data (not random tokens) keeps min_data_seq_len.
-        floor = 16 if cfg.data == "random" else min(cfg.seq_len, rules["min_data_seq_len"])
+        floor = 16 if cfg.data == "random" else min(cfg.seq_len, rules["min_data_seq_len"], cap)
         changes["seq_len"] = max(floor, cfg.seq_len // factor)
         changes["loss_chunk_tokens"] = max(16, cfg.loss_chunk_tokens // factor)
         if cfg.tiled_mlp_chunk:
@@ -411,11 +435,11 @@ def expand(study: StudySpec, overrides: dict[str, Any] | None = None, *, scale: 
             rows.append((exp, label, list(axes), cfg))
 
     if scale:
-        factor, parts = _cpu_scale([r[3] for r in rows], study.cpu_scale)
+        factor, cap, parts = _cpu_scale([r[3] for r in rows], study.cpu_scale)
         notes.insert(0, "cpu scale: no CUDA GPU, so the study is shrunk to finish on a CPU: "
                         + ("; ".join(parts) if parts else "nothing to shrink")
                         + " (--scale none runs it full size)")
-        rows = [(e, lab, keys, _scaled(c, factor, study.cpu_scale)) for e, lab, keys, c in rows]
+        rows = [(e, lab, keys, _scaled(c, factor, cap, study.cpu_scale)) for e, lab, keys, c in rows]
     if gpu_memory:
         rows = [(e, lab, keys, c if "gpu_memory" in keys else c.replace(gpu_memory=gpu_memory))
                 for e, lab, keys, c in rows]
