@@ -421,3 +421,65 @@ def test_compare_plumbing_on_tiny_cpu_model(tmp_path):
     assert all(r["status"] == "ok" for r in records), [r.get("error") for r in records]
     assert abs(records[0]["loss_step1"] - records[1]["loss_step1"]) < 0.05
     assert out.with_suffix(".md").is_file() and out.with_suffix(".png").is_file()
+
+
+# --------------------------------------------------------------------------- LoRA in the compute dtype
+
+
+def _saved_bytes(fn):
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total[0]
+
+
+def _bf16_model_fp32_adapters():
+    model = _tiny_lora_model(torch.bfloat16)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()  # what peft's autocast_adapter_dtype leaves: fp32 adapters on a bf16 model
+    return model
+
+
+def test_compute_dtype_lora_matches_peft_and_saves_less():
+    from memtune.kernels import disable_compute_dtype_lora, enable_compute_dtype_lora
+
+    base = _bf16_model_fp32_adapters()
+    ids, labels = _batch(seq=32)
+    ref = _step(base, ids, labels)
+    _, ref_saved = _saved_bytes(lambda: base(input_ids=ids, labels=labels).loss)
+
+    fast = copy.deepcopy(base)
+    assert enable_compute_dtype_lora(fast) == 10  # q, v, gate, up, down in 2 layers
+    assert enable_compute_dtype_lora(fast) == 10  # idempotent
+    got = _step(fast, ids, labels)
+    _assert_same(got, ref, torch.bfloat16)
+    assert all(g.dtype == torch.float32 for g in got[1].values())
+    _, saved = _saved_bytes(lambda: fast(input_ids=ids, labels=labels).loss)
+    assert saved < ref_saved  # no fp32 copies of the adapted layers' inputs
+
+    # composes with the other kernels
+    enable_offloaded_checkpointing(fast)
+    enable_tiled_mlp(fast, 7)
+    _assert_same(_step(fast, ids, labels), ref, torch.bfloat16)
+    assert disable_compute_dtype_lora(fast) == 10
+
+
+def test_compute_dtype_lora_defers_to_peft_outside_the_plain_case():
+    from memtune.kernels import enable_compute_dtype_lora
+
+    model = _tiny_lora_model(torch.float32)  # fp32 activations: peft's own forward, bit for bit
+    ids, labels = _batch()
+    ref = _step(model, ids, labels)
+    enable_compute_dtype_lora(model)
+    got = _step(model, ids, labels)
+    assert torch.equal(got[0], ref[0])
+    with model.disable_adapter():
+        with torch.no_grad():
+            plain = model(input_ids=ids).logits
+    assert not torch.equal(plain, model(input_ids=ids).logits)

@@ -4,11 +4,13 @@
                                  ignore_index=-100, *, max_chunk_bytes=1 GiB) -> scalar
     enable_offloaded_checkpointing(model) -> int     # disable_offloaded_checkpointing(model)
     enable_tiled_mlp(model, chunk_tokens) -> int     # disable_tiled_mlp(model)
+    enable_compute_dtype_lora(model) -> int          # disable_compute_dtype_lora(model)
 
 All patches act on module instances, never on library classes.
 """
 
 from memtune.kernels.cross_entropy import chunked_linear_cross_entropy, effective_chunk_tokens
+from memtune.kernels.lora import disable_compute_dtype_lora, enable_compute_dtype_lora
 from memtune.kernels.offload import (
     disable_offloaded_checkpointing,
     enable_offloaded_checkpointing,
@@ -25,4 +27,6 @@ __all__ = [
     "enable_tiled_mlp",
     "disable_tiled_mlp",
     "tiled_mlp_chunk",
+    "enable_compute_dtype_lora",
+    "disable_compute_dtype_lora",
 ]
