@@ -147,8 +147,9 @@ def measured_peak(row: dict) -> Any:
 
 
 def estimate_error_pct(row: dict) -> float | None:
+    """(estimate - measured) / measured, for a finished GPU run (an OOM's peak is not its need)."""
     est, measured = row.get("estimate_total_bytes"), row.get("peak_allocated_bytes")
-    if not (_num(est) and _num(measured)) or measured == 0:
+    if row.get("status") != "ok" or not (_num(est) and _num(measured)) or measured == 0:
         return None
     return round((est - measured) / measured * 100, 1)
 
