@@ -336,3 +336,15 @@ def test_tiny_study_end_to_end_with_real_train(tmp_path, capsys):
             assert r["metrics"]["config_hash"] == r["config_hash"]
     report = (out / "report.md").read_text()
     assert "### seq_len" in report and "### rank" in report
+
+
+def test_only_keeps_the_other_experiments_plan(tmp_path, capsys):
+    args = _study_cli(tmp_path, "--no-report")
+    assert main(args) == 0
+    with ResultStore(tmp_path / "out", create=False) as store:
+        full = len(store.plan("small"))
+    assert main(args + ["--only", "seq_len"]) == 0
+    out = capsys.readouterr().out
+    assert "3 runs in 1 experiment, 3 already stored" in out
+    with ResultStore(tmp_path / "out", create=False) as store:
+        assert len(store.plan("small")) == full

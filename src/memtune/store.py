@@ -270,9 +270,13 @@ class ResultStore:
             (name, json.dumps(spec, sort_keys=True), json.dumps(notes), when),
         )])
 
-    def save_plan(self, study: str, entries: list[PlanEntry]) -> None:
-        """Replace the study's plan (its tables' rows) in one transaction."""
-        statements: list[tuple[str, tuple]] = [("DELETE FROM plan WHERE study = ?", (study,))]
+    def save_plan(self, study: str, entries: list[PlanEntry], experiments: list[str] | None = None) -> None:
+        """Replace the study's plan (its tables' rows), or only these experiments', in one transaction."""
+        if experiments is None:
+            statements: list[tuple[str, tuple]] = [("DELETE FROM plan WHERE study = ?", (study,))]
+        else:
+            statements = [("DELETE FROM plan WHERE study = ? AND experiment = ?", (study, name))
+                          for name in experiments]
         for e in entries:
             statements.append((
                 "INSERT OR REPLACE INTO plan(study, experiment, position, config_hash, label, axes_json) "

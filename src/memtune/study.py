@@ -313,6 +313,7 @@ class Plan:
     entries: list[PlanEntry]
     notes: list[str]
     reference: dict[str, Any]        # base <- overrides: what the plots compare against
+    only: list[str] | None = None    # --only: the plan covers these experiments, not the study
 
 
 def _format_value(value: Any) -> str:
@@ -464,7 +465,8 @@ def expand(study: StudySpec, overrides: dict[str, Any] | None = None, *, scale: 
         positions[exp.name] = positions.get(exp.name, -1) + 1
         entries.append(PlanEntry(study=study.name, experiment=exp.name, position=positions[exp.name],
                                  config_hash=digest, label=text, axes=axes))
-    return Plan(study=study, runs=list(runs.values()), entries=entries, notes=notes, reference=reference)
+    return Plan(study=study, runs=list(runs.values()), entries=entries, notes=notes, reference=reference,
+                only=[e.name for e in experiments] if only else None)
 
 
 # --------------------------------------------------------------------------
@@ -710,12 +712,13 @@ def run_study(plan: Plan, out_dir: Path, runner: Runner, *, skip_failed: bool = 
         with ResultStore(out_dir / DB_NAME) as store:
             spec = {**study.to_dict(), "reference": plan.reference}
             store.save_study(study.name, spec, plan.notes, _now())
-            store.save_plan(study.name, plan.entries)
+            store.save_plan(study.name, plan.entries, experiments=plan.only)
             stored = store.statuses()
             versions, commit = package_versions(), git_commit()
             total = len(plan.runs)
             todo = sum(1 for r in plan.runs if stored.get(r.config_hash) not in FINAL_STATUSES)
-            echo(f"study {study.name}: {total} runs in {len(study.experiments)} experiments, "
+            n_exp = len(plan.only) if plan.only else len(study.experiments)
+            echo(f"study {study.name}: {total} runs in {n_exp} experiment{'s' if n_exp != 1 else ''}, "
                  f"{total - todo} already stored, results in {out_dir / DB_NAME}")
             t_start = time.monotonic()
             counts: dict[str, int] = {}
@@ -809,6 +812,9 @@ def run(args: argparse.Namespace) -> int:
         for name in builtin_studies():
             spec = load_study(name)
             print(f"{name:<12} {len(spec.experiments)} experiments  {spec.description.splitlines()[0] if spec.description else ''}")
+        if not args.list:
+            print("memtune study: give a study name (above) or a study YAML file; --help for options",
+                  file=sys.stderr)
         return 0 if args.list else 2
     study = load_study(args.study)
     overrides = parse_set(args.set)
