@@ -1,0 +1,174 @@
+"""`memtune fit --gpu-memory 24GiB [constraints]`: which configurations fit this card?
+
+Searches, for the model and task of the given flags, over
+    seq_len                 powers of two from 1024 to max_position_embeddings (or the one given)
+    quantization            nf4, int8, none (or the one given)
+    gradient_checkpointing  off, on, on with offloaded activations (or as given)
+keeping every other field as typed (lora_rank, batch_size ... default otherwise), and
+lists the configurations whose predicted peak (plus the CUDA context) is within the
+budget, ranked: longest sequence first, then the least aggressive quantization
+(none > int8 > nf4), then the fewest memory techniques. With --seq-len the
+question is the other way round: which settings make that length fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from memtune.cli import add_config_flags, config_from_args
+from memtune.config import RunConfig, parse_memory_size
+from memtune.errors import UserError
+from memtune.estimate import (GIB, Estimate, effective_seq_len, estimate_for_shape, gib, load_model_config,
+                              model_shape)
+
+QUANT_PREFERENCE = ("none", "int8", "nf4")  # least aggressive first
+MIN_SEQ_LEN = 1024
+
+
+@dataclass
+class Candidate:
+    cfg: RunConfig
+    estimate: Estimate
+    needed_bytes: int  # predicted peak + CUDA context (when counted)
+    budget_bytes: int
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.budget_bytes - self.needed_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.needed_bytes <= self.budget_bytes
+
+    def checkpointing(self) -> str:
+        if self.cfg.offload_activations:
+            return "offload"
+        return "on" if self.cfg.gradient_checkpointing else "off"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seq_len": self.estimate.seq_len, "quantization": self.cfg.quantization,
+                "gradient_checkpointing": self.cfg.gradient_checkpointing,
+                "offload_activations": self.cfg.offload_activations, "lora_rank": self.cfg.lora_rank,
+                "batch_size": self.cfg.batch_size, "predicted_bytes": self.estimate.total_bytes,
+                "needed_bytes": self.needed_bytes, "headroom_bytes": self.headroom_bytes}
+
+
+@dataclass
+class FitResult:
+    fits: list[Candidate]  # ranked
+    closest: Candidate | None  # the smallest miss, when nothing fits
+    searched: int
+
+
+def seq_len_choices(max_positions: int, upper: int | None = None) -> list[int]:
+    """1024, 2048, ... up to max_position_embeddings (and `upper` when given)."""
+    top = max_positions or 131072
+    if upper:
+        top = min(top, upper)
+    values, n = [], MIN_SEQ_LEN
+    while n <= top:
+        values.append(n)
+        n *= 2
+    return values or [top]
+
+
+def search_space(base: RunConfig, fixed: set[str], max_positions: int) -> Iterable[RunConfig]:
+    """Every configuration to try: the free knobs varied, the fixed ones as given."""
+    seqs = [base.seq_len] if "seq_len" in fixed else seq_len_choices(max_positions)
+    if "quantization" in fixed or not base.lora:
+        quants = [base.quantization]
+    else:
+        quants = list(QUANT_PREFERENCE)
+    if "offload_activations" in fixed or "gradient_checkpointing" in fixed:
+        ckpts = [(base.gradient_checkpointing, base.offload_activations)]
+    else:
+        ckpts = [(False, False), (True, False), (True, True)]
+    for seq in seqs:
+        for quant in quants:
+            for ckpt, offload in ckpts:
+                yield base.replace(seq_len=seq, quantization=quant, gradient_checkpointing=ckpt,
+                                   offload_activations=offload)
+
+
+def _rank_key(cand: Candidate, seq_fixed: bool) -> tuple:
+    techniques = int(cand.cfg.gradient_checkpointing) + int(cand.cfg.offload_activations)
+    quant = QUANT_PREFERENCE.index(cand.cfg.quantization) if cand.cfg.quantization in QUANT_PREFERENCE else 9
+    return (0 if seq_fixed else -cand.estimate.seq_len, quant, techniques, cand.needed_bytes)
+
+
+def fit_configurations(base: RunConfig, budget_bytes: int, fixed: Iterable[str] = (),
+                       include_context: bool = True, model_config: dict | None = None) -> FitResult:
+    """The configurations within `budget_bytes`, ranked; the closest miss when none is."""
+    fixed = set(fixed)
+    shape = model_shape(model_config if model_config is not None else load_model_config(base.model),
+                        source=f"model '{base.model}'")
+    candidates, seen = [], set()
+    for cfg in search_space(base, fixed, shape.max_positions):
+        est = estimate_for_shape(cfg, shape)
+        key = (est.seq_len, cfg.quantization, cfg.gradient_checkpointing, cfg.offload_activations)
+        if key in seen:  # seq_len capped to the same length twice
+            continue
+        seen.add(key)
+        needed = est.total_bytes + (est.cuda_context_bytes if include_context else 0)
+        candidates.append(Candidate(cfg, est, needed, budget_bytes))
+    fits = sorted((c for c in candidates if c.fits), key=lambda c: _rank_key(c, "seq_len" in fixed))
+    closest = None if fits else min(candidates, key=lambda c: c.needed_bytes, default=None)
+    return FitResult(fits, closest, len(candidates))
+
+
+def _describe(c: Candidate) -> str:
+    return (f"seq_len {c.estimate.seq_len}, quantization {c.cfg.quantization}, checkpointing {c.checkpointing()}, "
+            f"lora_rank {c.cfg.lora_rank}, batch {c.cfg.batch_size}")
+
+
+def format_table(result: FitResult, budget_bytes: int, top: int) -> str:
+    header = f"{'seq_len':>8}  {'quant':<5}  {'ckpt':<7}  {'rank':>4}  {'batch':>5}  {'predicted':>10}  {'headroom':>10}"
+    lines = [header, "-" * len(header)]
+    for c in result.fits[:top]:
+        lines.append(f"{c.estimate.seq_len:>8}  {c.cfg.quantization:<5}  {c.checkpointing():<7}  "
+                     f"{c.cfg.lora_rank:>4}  {c.cfg.batch_size:>5}  {c.needed_bytes / GIB:>6.2f} GiB  "
+                     f"{c.headroom_bytes / GIB:>6.2f} GiB")
+    more = len(result.fits) - top
+    if more > 0:
+        lines.append(f"... and {more} more (--top N to show them)")
+    lines.append(f"{len(result.fits)} of {result.searched} configurations fit {gib(budget_bytes)} "
+                 f"(predicted peak allocated + CUDA context)")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_flags(parser)  # --gpu-memory is the budget; any other flag fixes that knob
+    parser.add_argument("--top", type=int, default=20, metavar="N", help="show the N best configurations (default 20)")
+    parser.add_argument("--no-context", dest="include_context", action="store_false",
+                        help="leave the CUDA context (~0.5 GB) out of the budget check")
+    parser.add_argument("--json", action="store_true", help="print the fitting configurations as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from memtune.config import FIELD_NAMES
+
+    fixed = {k for k in vars(args) if k in FIELD_NAMES}
+    cfg = config_from_args(args)
+    if not cfg.gpu_memory:
+        raise UserError("gpu_memory: give the card's memory, e.g. --gpu-memory 24GiB")
+    try:
+        budget = parse_memory_size(cfg.gpu_memory)
+    except ValueError as exc:
+        raise UserError(f"gpu_memory: {exc}") from None
+    result = fit_configurations(cfg, budget, fixed, include_context=args.include_context)
+    if not result.fits:
+        c = result.closest
+        if c is None:
+            raise UserError("nothing to search: the constraints leave no configuration")
+        raise UserError(
+            f"no configuration fits {gib(budget)}; the closest is {_describe(c)} at {gib(c.needed_bytes)}, "
+            f"{gib(-c.headroom_bytes)} over the budget"
+        )
+    if args.json:
+        print(json.dumps({"budget_bytes": budget, "fits": [c.to_dict() for c in result.fits[:args.top]]}, indent=2))
+    else:
+        print(format_table(result, budget, args.top))
+    return 0
