@@ -322,7 +322,9 @@ def write_plots(store: ResultStore, study: dict[str, Any], plot_dir: Path) -> li
     ):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         drawn = False
-        for quant, points in sorted(series.items(), key=lambda kv: str(kv[0])):
+        order = list(QUANT_NAMES)
+        for quant, points in sorted(series.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order
+                                                                   else len(order), str(kv[0]))):
             xs = sorted(points)
             ys = [metric(points[x]) for x in xs]
             pairs = [(x, y) for x, y in zip(xs, ys) if _num(y)]
