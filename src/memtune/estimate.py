@@ -243,7 +243,7 @@ def quantized_linear_tensors(out_features: int, in_features: int, quantization: 
                       code           fp32  [16]                 = 64 B
       double quant:   absmax         uint8 [ceil(n/64)]         = n/64 B
                       nested absmax  fp32  [ceil(n/64/256)]     = n/4096 B
-                      nested code    fp32  [256]                = 1 KiB (one shared table)
+                      nested code    fp32  [256]                = 1 KiB
                       offset         fp32  scalar               = 4 B
     int8:             weight         int8  [out, in]            = n B
                       row scales     fp32  [out]                = 4 out B
@@ -254,7 +254,8 @@ def quantized_linear_tensors(out_features: int, in_features: int, quantization: 
     blocks = -(-n // NF4_BLOCKSIZE)
     tensors = {"weight": -(-n // 2), "code": 16 * 4}
     if double_quant:
-        tensors.update(absmax=blocks, nested_absmax=4 * -(-blocks // NESTED_BLOCKSIZE), offset=4)
+        tensors.update(absmax=blocks, nested_absmax=4 * -(-blocks // NESTED_BLOCKSIZE), nested_code=256 * 4,
+                       offset=4)
     else:
         tensors["absmax"] = 4 * blocks
     return tensors
@@ -265,7 +266,6 @@ def decoder_linear_weight_bytes(shape: ModelShape, quantization: str, double_qua
     """(weight bytes, quantization-constant bytes) of every decoder linear, biases excluded.
 
     none: n x dtype bytes per weight; nf4/fp4/int8: see quantized_linear_tensors.
-    The nested-quant code table is one tensor shared by all layers (counted once).
     """
     fit = _round if rounded else (lambda b: b)
     weights = constants = 0
@@ -275,7 +275,6 @@ def decoder_linear_weight_bytes(shape: ModelShape, quantization: str, double_qua
             continue
         tensors = quantized_linear_tensors(lin.out_features, lin.in_features, quantization, double_quant)
         weights += fit(tensors.pop("weight"))
-        tensors.pop("nested_code", None)
         constants += sum(fit(b) for b in tensors.values())
     weights *= shape.layers
     constants *= shape.layers
@@ -632,8 +631,6 @@ def estimate_for_shape(cfg: RunConfig, shape: ModelShape, device: str = "cuda") 
 def _weights(shape: ModelShape, cfg: RunConfig, c: int) -> dict[str, int]:
     weights, constants = decoder_linear_weight_bytes(shape, cfg.quantization, cfg.double_quant, c)
     parts = {"decoder_weights": weights, "quant_constants": constants}
-    if cfg.quantization != "none" and cfg.double_quant:
-        parts["quant_constants"] += _round(NESTED_BLOCKSIZE * 4)  # the shared nested code table
     parts.update(unquantized_weight_bytes(shape, c))
     return parts
 

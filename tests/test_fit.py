@@ -1,0 +1,66 @@
+"""memtune fit: only configurations within the budget, ranked; a clear miss when nothing fits."""
+
+from __future__ import annotations
+
+import pytest
+
+from memtune.config import RunConfig
+from memtune.errors import UserError
+from memtune.estimate import GIB
+from memtune.fit import fit_configurations, seq_len_choices
+
+PRESET = "deepseek-r1-distill-qwen-1.5b"
+
+
+def test_only_configurations_under_the_budget():
+    budget = 24 * GIB
+    result = fit_configurations(RunConfig(model=PRESET), budget)
+    assert result.fits and result.searched > len(result.fits)
+    for cand in result.fits:
+        assert cand.estimate.total_bytes + cand.estimate.cuda_context_bytes <= budget
+        assert cand.headroom_bytes >= 0
+
+
+def test_ranked_longest_sequence_then_least_quantization():
+    result = fit_configurations(RunConfig(model=PRESET), 40 * GIB)
+    seqs = [c.estimate.seq_len for c in result.fits]
+    assert seqs == sorted(seqs, reverse=True)
+    top_seq = [c for c in result.fits if c.estimate.seq_len == seqs[0]]
+    order = {"none": 0, "int8": 1, "nf4": 2}
+    quants = [order[c.cfg.quantization] for c in top_seq]
+    assert quants == sorted(quants)
+
+
+def test_fixed_seq_len_asks_which_settings_fit():
+    result = fit_configurations(RunConfig(model=PRESET, seq_len=32768), 24 * GIB, fixed={"seq_len"})
+    assert result.fits
+    assert {c.estimate.seq_len for c in result.fits} == {32768}
+
+
+def test_fixed_knobs_are_kept():
+    result = fit_configurations(RunConfig(model=PRESET, quantization="nf4", lora_rank=32), 24 * GIB,
+                                fixed={"quantization", "lora_rank"})
+    assert {c.cfg.quantization for c in result.fits} == {"nf4"}
+    assert {c.cfg.lora_rank for c in result.fits} == {32}
+
+
+def test_nothing_fits_names_the_closest():
+    result = fit_configurations(RunConfig(model="llama-3.1-8b"), 2 * GIB)
+    assert not result.fits and result.closest is not None
+    assert result.closest.headroom_bytes < 0
+
+
+def test_seq_len_choices_are_powers_of_two_up_to_max_positions():
+    assert seq_len_choices(40960) == [1024, 2048, 4096, 8192, 16384, 32768]
+
+
+def test_fit_verb(capsys):
+    from memtune.cli import main
+
+    assert main(["fit", "--model", PRESET, "--gpu-memory", "24GiB", "--top", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "headroom" in out and "configurations fit" in out
+    assert main(["fit", "--model", "llama-3.1-8b", "--gpu-memory", "2GiB"]) == 2
+    err = capsys.readouterr().err
+    assert "no configuration fits" in err and "closest" in err and "over the budget" in err
+    assert main(["fit", "--model", PRESET]) == 2  # no budget given
