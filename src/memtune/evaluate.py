@@ -141,10 +141,34 @@ def evaluate_accuracy(model, tokenizer, examples: Sequence[Any], cfg) -> EvalRes
                                                cfg.answer_regex))
     finally:
         tokenizer.padding_side, tokenizer.pad_token = old_side, old_pad
+        unpack_cpu_inference_weights(model)
         model.train(was_training)
     correct = sum(p["correct"] for p in predictions)
     return EvalResult(accuracy=correct / len(predictions), correct=correct,
                       total=len(predictions), predictions=predictions)
+
+
+def unpack_cpu_inference_weights(model) -> int:
+    """Undo bitsandbytes' CPU inference repacking of 4-bit weights; return how many.
+
+    In eval mode on a CPU with AVX512-BF16, bitsandbytes repacks each 4-bit
+    weight into a layout that only its inference kernel reads, and never packs
+    it back: a training step after an evaluation then fails inside that kernel
+    ("a view of a leaf Variable ... in-place operation"). Evaluation is followed
+    by training (accuracy before), so put the weights back as they were.
+    """
+    try:
+        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse as inverse
+    except ImportError:  # a bitsandbytes without CPU repacking has nothing to undo
+        return 0
+    count = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            weight.data, weight.quant_state = inverse(weight.data, state)
+            count += 1
+    return count
 
 
 def _prediction(prompt: str, reference: str, generated: str, regex: str) -> dict[str, Any]:
