@@ -100,3 +100,28 @@ def test_run_directory_and_adapter_round_trip(learnable_data, tmp_path):
     assert len(state) == len(saved)
     with torch.no_grad():
         assert not torch.allclose(after_load, fresh_base(input_ids=ids).logits)
+
+
+def test_int8_backward_matches_bitsandbytes_and_saves_no_input():
+    import bitsandbytes as bnb
+
+    from memtune.kernels import enable_frozen_int8_backward
+
+    torch.manual_seed(0)
+    weight = torch.randn(96, 64)
+    layers = []
+    for _ in range(2):
+        layer = bnb.nn.Linear8bitLt(64, 96, bias=False, has_fp16_weights=False)
+        layer.weight = bnb.nn.Int8Params(weight.clone(), requires_grad=False, has_fp16_weights=False)
+        layers.append(layer.to("cpu"))
+    assert enable_frozen_int8_backward(layers[1]) == 1
+    x = torch.randn(5, 64)
+    grads, saved = [], []
+    for layer in layers:
+        xi = x.clone().requires_grad_(True)
+        out = layer(xi)
+        saved.append(getattr(out.grad_fn, "tensors", None))
+        out.square().sum().backward()
+        grads.append(xi.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-4)
+    assert saved[1] is None  # ours keeps no input tensor on the graph node

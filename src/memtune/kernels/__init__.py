@@ -6,11 +6,14 @@
     enable_tiled_mlp(model, chunk_tokens) -> int     # disable_tiled_mlp(model)
     enable_compute_dtype_lora(model) -> int          # disable_compute_dtype_lora(model)
 
+    enable_frozen_int8_backward(model) -> int        # int8 linears keep no input for backward
+
 All patches act on module instances, never on library classes.
 """
 
 from memtune.kernels.cross_entropy import chunked_linear_cross_entropy, effective_chunk_tokens
 from memtune.kernels.lora import disable_compute_dtype_lora, enable_compute_dtype_lora
+from memtune.kernels.int8_backward import enable_frozen_int8_backward
 from memtune.kernels.offload import (
     disable_offloaded_checkpointing,
     enable_offloaded_checkpointing,
@@ -19,6 +22,7 @@ from memtune.kernels.offload import (
 from memtune.kernels.tiled_mlp import disable_tiled_mlp, enable_tiled_mlp, tiled_mlp_chunk
 
 __all__ = [
+    "enable_frozen_int8_backward",
     "chunked_linear_cross_entropy",
     "effective_chunk_tokens",
     "enable_offloaded_checkpointing",
