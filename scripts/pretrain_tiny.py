@@ -6,8 +6,8 @@
 The base is pretrained on *related but different* synthetic text: bare
 arithmetic facts ("12 + 7 = 19.") and short stories about quantities
 ("Tom has 3 apples and buys 4 more, so Tom has 3 + 4 = 7 apples."). It never
-sees the task's format (no "Question:", "Answer:", "How many ...?" or
-"####"), so before fine-tuning it cannot answer the built-in task in that
+sees the task's format (no "Question:", "Answer:", "How many ...?", and
+"####" only as a markdown heading), so before fine-tuning it cannot answer the built-in task in that
 format; LoRA fine-tuning teaches the format. Stories only use the arithmetic
 cores of the *train* split of `memtune.tasks.arith`, so no test problem is
 seen in any form; bare facts cover all small sums and products, the way a
@@ -55,7 +55,7 @@ MODEL_CONFIG = {
     "architectures": ["Qwen2ForCausalLM"],
     "model_type": "qwen2",
     "hidden_size": 128,
-    "intermediate_size": 256,
+    "intermediate_size": 384,
     "num_hidden_layers": 4,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
@@ -71,10 +71,10 @@ MODEL_CONFIG = {
     "torch_dtype": "float32",
 }
 
-# Pretraining schedule (CPU, 2 threads).
+# Pretraining schedule: about 4 minutes on an idle 2-core CPU (2400 steps, 1.6M tokens).
 SEQ_LEN = 96
 BATCH = 16
-STEPS = 600
+STEPS = 2400
 QAT_STEPS = 80  # the last steps train through NF4 rounding
 LR = 3e-3
 WARMUP = 50
@@ -134,11 +134,20 @@ def story(rng: random.Random) -> str:
     return rng.choice(STORIES[template.key]).format(**fields)
 
 
+# Markdown-style headings that open some documents. They teach the base the
+# "####" token as text (a heading), not as the task's answer marker: a token
+# the base never saw has an untrained output row (tied embeddings), which
+# q/v LoRA cannot make the model emit.
+HEADINGS = ("#### Notes", "#### Stories", "#### Facts", "#### Numbers", "#### Boxes")
+
+
 def documents(rng: random.Random, n_docs: int, facts: list[str]) -> list[str]:
     """Documents of a few stories and facts each; eos only between documents."""
     docs = []
     for _ in range(n_docs):
         parts = [story(rng) if rng.random() < 0.5 else rng.choice(facts) for _ in range(rng.randint(3, 6))]
+        if rng.random() < 0.5:  # mid-text too, so " ####" (with its space) is learned
+            parts.insert(rng.randint(0, len(parts)), rng.choice(HEADINGS))
         docs.append(" ".join(parts))
     return docs
 
@@ -242,7 +251,7 @@ def main(argv=None) -> int:
     torch.use_deterministic_algorithms(True)
     rng = random.Random(SEED)
     facts = arithmetic_facts()
-    docs = documents(rng, 8000, facts)
+    docs = documents(rng, 16000, facts)
     tokenizer = build_tokenizer(docs + facts)
     config = model_config(tokenizer)
     model = build_model(config)
