@@ -14,7 +14,7 @@ BAD_VALUES = [
     ("compute_dtype", "fp8", "compute_dtype"),
     ("optimizer", "sgd", "optimizer"),
     ("seq_len", 0, "seq_len"),
-    ("batch_size", 0, "batch_size"),
+    ("batch_size", -1, "batch_size"),
     ("grad_accum", 0, "grad_accum"),
     ("steps", 0, "steps"),
     ("learning_rate", 0, "learning_rate"),
@@ -104,3 +104,10 @@ def test_memory_sizes(text, expected):
 def test_bad_memory_sizes(text):
     with pytest.raises(ValueError):
         parse_memory_size(text)
+
+
+@pytest.mark.parametrize("requested,effective,expected", [(16384, 175, 8), (16384, 16384, 1), (64, 29, 2),
+                                                          (100, 200, 1)])
+def test_auto_batch_fills_the_token_budget(requested, effective, expected):
+    assert RunConfig(seq_len=requested).resolved_batch_size(effective) == expected
+    assert RunConfig(seq_len=requested, batch_size=3).resolved_batch_size(effective) == 3

@@ -592,8 +592,10 @@ def estimate_memory(cfg: RunConfig, model_config: dict | None = None) -> Estimat
 
 def estimate_for_shape(cfg: RunConfig, shape: ModelShape, device: str = "cuda") -> Estimate:
     """The estimate for known shapes; device "cpu" models the CPU kernels (used to validate on a CPU)."""
-    c = _DTYPE_BYTES[cfg.compute_dtype]
     seq = effective_seq_len(cfg, shape)
+    # batch auto fills seq_len tokens; the estimate assumes full-length sequences, so one.
+    cfg = cfg.replace(batch_size=cfg.resolved_batch_size(seq))
+    c = _DTYPE_BYTES[cfg.compute_dtype]
     tokens = cfg.batch_size * seq
     notes = []
     if seq < cfg.seq_len:

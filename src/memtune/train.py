@@ -76,6 +76,9 @@ def setup(cfg: RunConfig, log: Callable[[str], None]) -> Session:
     bundle = load_data(cfg, built.tokenizer, built.max_positions)
     for note in bundle.notes:
         log(note)
+    if not cfg.batch_size:
+        cfg = cfg.replace(batch_size=cfg.resolved_batch_size(bundle.seq_len))
+        log(f"batch_size: auto -> {cfg.batch_size} sequences of {bundle.seq_len} tokens a step")
     optimizer = make_optimizer(cfg, built.model, built.device)
     scaler = torch.amp.GradScaler("cuda") if built.compute_dtype == torch.float16 and built.device.type == "cuda" else None
     return Session(cfg, built, bundle, optimizer, make_scheduler(cfg, optimizer), scaler)
@@ -188,7 +191,7 @@ def run(cfg: RunConfig, out_dir: Path, log: Callable[[str], None] = print, progr
     session = setup(cfg, log)
     # Only now, with the model and data known good, does the run directory appear.
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, out_dir / "config.yaml")
+    save_yaml(session.cfg, out_dir / "config.yaml")  # resolved: auto values filled in
     model = session.built.model
     trainable, total = count_parameters(model)
     log(trainable_line(trainable, total))
@@ -205,17 +208,18 @@ def run(cfg: RunConfig, out_dir: Path, log: Callable[[str], None] = print, progr
     metrics.update(peaks)
     peak = peaks.get("peak_allocated_bytes", peaks["peak_rss_bytes"])
     metrics["memory_breakdown"] = measure.memory_breakdown(peak, model, session.optimizer, grads_bytes)
-    metrics.update(_time_metrics(cfg, session, timer, metrics.get("gpu_name")))
+    metrics.update(_time_metrics(session.cfg, session, timer, metrics.get("gpu_name")))
     metrics.update(losses=losses, loss_first=losses[0], loss_last=losses[-1])
     if before is not None:
         metrics.update(accuracy_before=before.accuracy, accuracy_after=after.accuracy, eval_examples=after.total)
         _write_predictions(out_dir, before, after)
     _save_weights(model, cfg, out_dir)
+    metrics["batch_size"] = session.cfg.batch_size
     metrics.update(status="ok", finished_at=measure.now_iso(), wall_time_s=time.perf_counter() - wall_start)
     write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     from memtune.run_report import write_run_report
 
-    write_run_report(out_dir, cfg, metrics)
+    write_run_report(out_dir, session.cfg, metrics)
     return metrics
 
 
