@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: install
-	$(VENV)/bin/memtune train
+	$(VENV)/bin/memtune study seed --model tiny --out runs/study-seed
 
 test: install
 	$(PY) -m pytest -q

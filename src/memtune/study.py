@@ -73,8 +73,9 @@ STUDIES_DIR = Path(__file__).parent / "studies"
 TOP_KEYS = ("name", "description", "extends", "base", "cpu_scale", "experiments")
 EXPERIMENT_KEYS = ("name", "title", "kind", "description", "set", "grid", "variants")
 KINDS = ("memory", "result", "accuracy")
+# eval_steps: runs that measure accuracy keep enough steps for the accuracy to mean something.
 CPU_SCALE_DEFAULTS: dict[str, int] = {"max_seq_len": 512, "min_data_seq_len": 128, "steps": 2, "warmup_steps": 1,
-                                      "eval_examples": 16}
+                                      "eval_examples": 16, "eval_steps": 2}
 # Keys a study may not set: the study decides where each run writes.
 RESERVED_KEYS = ("out",)
 STDERR_TAIL_LINES = 25
@@ -369,9 +370,12 @@ def _cpu_scale(configs: list[RunConfig], rules: dict[str, int]) -> tuple[int, in
         parts.append(f"lengths divided by {factor} (longest {longest} -> {longest // factor}"
                      f"{'; the model allows ' + str(cap) if cap < rules['max_seq_len'] else ''}"
                      f"; runs on real data keep >= {floor})")
-    steps = max(c.steps for c in configs)
+    steps = max((c.steps for c in configs if not c.eval), default=0)
     if steps > rules["steps"]:
         parts.append(f"steps {steps} -> {rules['steps']} (warmup <= {rules['warmup_steps']})")
+    eval_steps = max((c.steps for c in configs if c.eval), default=0)
+    if eval_steps > rules["eval_steps"]:
+        parts.append(f"accuracy runs' steps {eval_steps} -> {rules['eval_steps']}")
     evals = max((c.eval_examples for c in configs if c.eval), default=0)
     if evals > rules["eval_examples"]:
         parts.append(f"eval examples {evals} -> {rules['eval_examples']}")
@@ -379,9 +383,10 @@ def _cpu_scale(configs: list[RunConfig], rules: dict[str, int]) -> tuple[int, in
 
 
 def _scaled(cfg: RunConfig, factor: int, cap: int, rules: dict[str, int]) -> RunConfig:
+    steps = min(cfg.steps, rules["eval_steps"] if cfg.eval else rules["steps"])
     changes: dict[str, Any] = {
-        "steps": min(cfg.steps, rules["steps"]),
-        "warmup_steps": min(cfg.warmup_steps, rules["warmup_steps"], max(0, min(cfg.steps, rules["steps"]) - 1)),
+        "steps": steps,
+        "warmup_steps": min(cfg.warmup_steps, rules["warmup_steps"], max(0, steps - 1)),
         "eval_examples": min(cfg.eval_examples, rules["eval_examples"]),
     }
     if factor > 1:
