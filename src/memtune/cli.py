@@ -123,6 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"memtune {verb}: error: {exc}", file=sys.stderr)
         return UserError.exit_code
+    except BrokenPipeError:  # the output went to a pager or `head` that closed early
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"memtune {verb}: interrupted", file=sys.stderr)
         return 130

@@ -701,7 +701,7 @@ def gib(num_bytes: float) -> str:
 
 def format_estimate(estimate: Estimate, cfg: RunConfig) -> str:
     lines = [f"predicted peak allocated: {gib(estimate.total_bytes)}  ({estimate.total_bytes:,d} bytes)",
-             f"  model {cfg.model}, seq_len {estimate.seq_len}, batch {cfg.batch_size}, quantization "
+             f"  model {cfg.model}, seq_len {estimate.seq_len}, batch {cfg.batch_size or 'auto (1)'}, quantization "
              f"{cfg.quantization}, {'LoRA r=' + str(cfg.lora_rank) if cfg.lora else 'full fine-tuning'}, "
              f"checkpointing {'offloaded' if cfg.offload_activations else 'on' if cfg.gradient_checkpointing else 'off'}, "
              f"loss {cfg.loss}, peak at {estimate.phase.replace('_', ' ')}",

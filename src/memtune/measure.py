@@ -8,10 +8,8 @@ honest number is the process's peak resident set size, labelled as such.
 
 from __future__ import annotations
 
-import datetime as dt
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Iterable
@@ -197,36 +195,9 @@ def train_flops_per_token(num_params: int, num_layers: int, hidden: int, seq_len
     return per_param * num_params + attention
 
 
-# --- facts every result records ----------------------------------------------
+# --- facts every result records (versions, commit, time: memtune.provenance) --
 
 def device_info(device: torch.device) -> dict[str, str | None]:
     if device.type == "cuda":
         return {"device": "cuda", "gpu_name": torch.cuda.get_device_name(device)}
     return {"device": "cpu", "gpu_name": None, "cpu": platform.processor() or platform.machine()}
-
-
-def package_versions() -> dict[str, str | None]:
-    from importlib import metadata
-
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "liger-kernel"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    versions["cuda"] = torch.version.cuda
-    return versions
-
-
-def git_commit() -> str | None:
-    repo = Path(__file__).resolve().parents[2]
-    try:
-        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

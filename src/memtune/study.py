@@ -66,6 +66,7 @@ from typing import Any, Callable
 import yaml
 
 from memtune.config import FIELD_NAMES, RunConfig, from_dict, parse_memory_size, save_yaml
+from memtune import provenance
 from memtune.errors import UserError
 from memtune.store import DB_NAME, FINAL_STATUSES, PlanEntry, ResultStore, RunRecord
 
@@ -611,32 +612,6 @@ def _kill_group(proc: subprocess.Popen) -> None:
 # --------------------------------------------------------------------------
 # Environment facts for rows whose run wrote no metrics
 # --------------------------------------------------------------------------
-def package_versions() -> dict[str, str]:
-    from importlib import metadata
-
-    versions = {"python": platform.python_version()}
-    for dist in ("memtune", "torch", "transformers", "peft", "bitsandbytes", "accelerate"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    if "memtune" not in versions:
-        import memtune
-
-        versions["memtune"] = memtune.__version__
-    return versions
-
-
-def git_commit() -> str | None:
-    repo = Path(__file__).resolve().parents[2]
-    try:
-        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
 def cuda_available() -> bool:
     try:
         import torch
@@ -719,7 +694,7 @@ def run_study(plan: Plan, out_dir: Path, runner: Runner, *, skip_failed: bool = 
             store.save_study(study.name, spec, plan.notes, _now())
             store.save_plan(study.name, plan.entries, experiments=plan.only)
             stored = store.statuses()
-            versions, commit = package_versions(), git_commit()
+            versions, commit = provenance.package_versions(), provenance.git_commit()
             total = len(plan.runs)
             todo = sum(1 for r in plan.runs if stored.get(r.config_hash) not in FINAL_STATUSES)
             n_exp = len(plan.only) if plan.only else len(study.experiments)

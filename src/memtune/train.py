@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from memtune import measure
+from memtune import measure, provenance
 from memtune.config import RunConfig, parse_memory_size, save_yaml, write_text_atomic
 from memtune.errors import UserError
 from memtune.models import BuiltModel, build_model, count_parameters, trainable_line
@@ -180,12 +180,12 @@ def train_loop(session: Session, progress: bool) -> tuple[list[float], measure.S
 
 def run(cfg: RunConfig, out_dir: Path, log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
     """Train one configuration, write the run directory, return its metrics."""
-    started_at, wall_start = measure.now_iso(), time.perf_counter()
+    started_at, wall_start = provenance.now_iso(), time.perf_counter()
     device = _apply_gpu_cap(cfg, log)
     metrics: dict[str, Any] = {"status": "running", "config_hash": cfg.config_hash(), "started_at": started_at}
     metrics.update(measure.device_info(device))
-    metrics["versions"] = measure.package_versions()
-    metrics["git_commit"] = measure.git_commit()
+    metrics["versions"] = provenance.package_versions()
+    metrics["git_commit"] = provenance.git_commit()
     metrics["estimate"] = _estimate(cfg, log)
 
     session = setup(cfg, log)
@@ -215,7 +215,7 @@ def run(cfg: RunConfig, out_dir: Path, log: Callable[[str], None] = print, progr
         _write_predictions(out_dir, before, after)
     _save_weights(model, cfg, out_dir)
     metrics["batch_size"] = session.cfg.batch_size
-    metrics.update(status="ok", finished_at=measure.now_iso(), wall_time_s=time.perf_counter() - wall_start)
+    metrics.update(status="ok", finished_at=provenance.now_iso(), wall_time_s=time.perf_counter() - wall_start)
     write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     from memtune.run_report import write_run_report
 

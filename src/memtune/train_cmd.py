@@ -55,11 +55,11 @@ def _record_failure(out_dir: Path, cfg: RunConfig, status: str, exc: BaseExcepti
     """An out-of-memory is a result: record it (with the peak reached) rather than crash."""
     import torch
 
-    from memtune import measure
+    from memtune import measure, provenance
 
     metrics = {"status": status, "error": str(exc).splitlines()[0][:500], "config_hash": cfg.config_hash(),
-               "finished_at": measure.now_iso(), "versions": measure.package_versions(),
-               "git_commit": measure.git_commit()}
+               "finished_at": provenance.now_iso(), "versions": provenance.package_versions(),
+               "git_commit": provenance.git_commit()}
     if torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
         metrics.update(measure.device_info(device))
