@@ -54,6 +54,7 @@ def test_chunked_and_full_loss_agree(learnable_data):
     session = train.setup(cfg, log=lambda _: None)
     from memtune.data import iterate_batches
 
+    cfg = session.cfg  # batch size resolved from the data
     batch = next(iterate_batches(session.bundle, cfg, 0))
     chunked = train.forward_loss(session.built.model, batch, cfg.replace(loss_chunk_tokens=7))
     full = train.forward_loss(session.built.model, batch, cfg.replace(loss="full"))

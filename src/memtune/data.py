@@ -744,6 +744,9 @@ def iterate_batches(bundle: DataBundle, cfg, seed: int) -> Iterator[dict]:
     """
     if not bundle.train:
         raise UserError("data: no training examples to iterate over")
+    if cfg.batch_size < 1:
+        # batch_size 0 (auto) is resolved by the trainer once the data's length is known.
+        raise ValueError(f"iterate_batches needs a resolved batch_size >= 1; got {cfg.batch_size}")
     packed = bundle.packed or cfg.packing
     fixed = bundle.seq_len if (packed or cfg.data == "random") else None
     for indices in _batch_indices(len(bundle.train), cfg.batch_size, seed):
