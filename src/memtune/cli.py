@@ -117,7 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"memtune: error: unknown verb {verb!r}; expected one of {', '.join(VERBS)}", file=sys.stderr)
         return UserError.exit_code
     parser, module = build_verb_parser(verb)
-    args = parser.parse_args(argv[1:])
+    try:
+        args = parser.parse_args(argv[1:])
+    except SystemExit as exc:  # --help (0) or an argument error (2, already printed)
+        return int(exc.code or 0)
     try:
         return int(module.run(args) or 0)
     except UserError as exc:
