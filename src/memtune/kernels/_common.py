@@ -45,6 +45,20 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return best
 
 
+def restore_forward(module: nn.Module, attr: str) -> dict[str, Any] | None:
+    """Undo an instance-level forward swap recorded in `module.<attr>`
+    ({"had_own_forward": bool, "original": callable, ...}); return the record, None if there was none."""
+    info = module.__dict__.get(attr)
+    if info is None:
+        return None
+    if info["had_own_forward"]:
+        module.forward = info["original"]
+    else:
+        del module.forward  # the class's forward shows through again
+    delattr(module, attr)
+    return info
+
+
 def trainable_params(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memtune.kernels._common import base_model
+from memtune.kernels._common import base_model, restore_forward
 
 __all__ = ["enable_compute_dtype_lora", "disable_compute_dtype_lora"]
 
@@ -89,13 +89,6 @@ def disable_compute_dtype_lora(model: nn.Module) -> int:
     """Undo `enable_compute_dtype_lora`; returns the number of modules restored."""
     count = 0
     for module in _lora_modules(model):
-        info = module.__dict__.get(_ATTR)
-        if info is None:
-            continue
-        if info["had_own_forward"]:
-            module.forward = info["original"]
-        else:
-            del module.forward
-        delattr(module, _ATTR)
-        count += 1
+        if restore_forward(module, _ATTR) is not None:
+            count += 1
     return count

@@ -35,7 +35,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from memtune.kernels._common import RngState, autocast_state, decoder_layers, replay_autocast, trainable_params
+from memtune.kernels._common import (RngState, autocast_state, decoder_layers, replay_autocast, restore_forward,
+                                     trainable_params)
 
 __all__ = ["enable_offloaded_checkpointing", "disable_offloaded_checkpointing", "is_offloaded_checkpointing"]
 
@@ -237,16 +238,11 @@ def disable_offloaded_checkpointing(model: nn.Module) -> int:
     """Undo `enable_offloaded_checkpointing`; returns the number of layers restored."""
     restored = 0
     for layer in decoder_layers(model):
-        info = layer.__dict__.get(_ATTR)
+        info = restore_forward(layer, _ATTR)
         if info is None:
             continue
-        if info["had_own_forward"]:
-            layer.forward = info["original"]
-        else:
-            del layer.forward
         if info["hf_flag"] is not None:
             layer.gradient_checkpointing = info["hf_flag"]
-        delattr(layer, _ATTR)
         restored += 1
     return restored
 

@@ -26,7 +26,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from memtune.kernels._common import RngState, autocast_state, decoder_layers, replay_autocast, trainable_params
+from memtune.kernels._common import (RngState, autocast_state, decoder_layers, replay_autocast, restore_forward,
+                                     trainable_params)
 
 __all__ = ["enable_tiled_mlp", "disable_tiled_mlp", "tiled_mlp_chunk"]
 
@@ -140,15 +141,8 @@ def disable_tiled_mlp(model: nn.Module) -> int:
     count = 0
     for layer in decoder_layers(model):
         mlp = _mlp_of(layer)
-        info = None if mlp is None else mlp.__dict__.get(_ATTR)
-        if info is None:
-            continue
-        if info["had_own_forward"]:
-            mlp.forward = info["original"]
-        else:
-            del mlp.forward
-        delattr(mlp, _ATTR)
-        count += 1
+        if mlp is not None and restore_forward(mlp, _ATTR) is not None:
+            count += 1
     return count
 
 
