@@ -93,14 +93,18 @@ def _saved_bytes(config: dict, cfg: RunConfig, seq: int) -> int:
     model = add_lora(model, cfg) if cfg.lora else model.requires_grad_(True)
     enable_checkpointing(model, cfg, [])
     model.train()
-    old = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
-    old |= {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen, total = set(), 0
     held = []
 
+    def weight_storages():
+        # Read at each pack, not once before the forward: bitsandbytes may replace a weight's
+        # storage on its first forward, and the freed address can then hold an activation.
+        ptrs = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
+        return ptrs | {p.untyped_storage().data_ptr() for p in model.parameters()}
+
     def pack(t):
         ptr = t.untyped_storage().data_ptr()
-        if ptr not in seen and ptr not in old:
+        if ptr not in seen and ptr not in weight_storages():
             seen.add(ptr)
             held.append(t)
         return t
