@@ -129,7 +129,7 @@ def format_table(result: FitResult, budget_bytes: int, top: int) -> str:
     lines = [header, "-" * len(header)]
     for c in result.fits[:top]:
         lines.append(f"{c.estimate.seq_len:>8}  {c.cfg.quantization:<5}  {c.checkpointing():<7}  "
-                     f"{c.cfg.lora_rank:>4}  {c.cfg.batch_size:>5}  {c.needed_bytes / GIB:>6.2f} GiB  "
+                     f"{c.cfg.lora_rank:>4}  {c.cfg.batch_size or 'auto':>5}  {c.needed_bytes / GIB:>6.2f} GiB  "
                      f"{c.headroom_bytes / GIB:>6.2f} GiB")
     more = len(result.fits) - top
     if more > 0:
