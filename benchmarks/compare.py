@@ -29,7 +29,6 @@ regenerated from all records.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
 import os
@@ -46,6 +45,12 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src"
+sys.path.insert(0, str(SRC))
+
+from memtune.config import parse_memory_size  # noqa: E402  (yaml only: no torch in the parent)
+from memtune.presets import PRESETS as MEMTUNE_PRESETS  # noqa: E402
+from memtune.provenance import now_iso  # noqa: E402
+
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "compare-h200.json"
 BUILTIN_STACKS = ("seed", "seed-autocast", "liger", "unsloth", "memtune")
 TARGETS = {
@@ -59,13 +64,7 @@ MAX_GRAD_NORM = 1.0
 PRESETS: dict[str, dict[str, Any]] = {
     # DeepSeek-R1-Distill-Qwen-1.5B (its published config.json)
     "r1-1.5b": {
-        "config": {
-            "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 1536,
-            "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
-            "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 131072,
-            "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu",
-            "bos_token_id": 151643, "eos_token_id": 151643, "use_sliding_window": False,
-        },
+        "config": dict(MEMTUNE_PRESETS["deepseek-r1-distill-qwen-1.5b"]),
         "seq_lens": [4096, 16384, 32768, 65536, 131072],
         "search": (4096, 131072, 8192),  # start, max, bisection granularity
     },
@@ -87,20 +86,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 # =========================================================================== helpers
 
 
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
 def parse_size(text: str) -> int:
-    """'24GiB' -> bytes (the same forms memtune accepts)."""
-    import re
-
-    units = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
-             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not match or match.group(2).lower() not in units:
-        raise argparse.ArgumentTypeError(f"expected a size such as 24GiB or 16GB; got {text!r}")
-    return int(float(match.group(1)) * units[match.group(2).lower()])
+    """'24GiB' -> bytes (memtune's own parser, as an argparse type)."""
+    try:
+        return parse_memory_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -264,16 +264,23 @@ def from_dict(values: dict[str, Any], source: str = "config") -> RunConfig:
     raise UserError("; ".join(problems))
 
 
+def parse_yaml_file(path: Path, what: str) -> Any:
+    """The YAML document in `path`; a read or syntax error is a UserError naming file:line."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the {what} ({exc.strerror})") from None
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config: file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise UserError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    data = parse_yaml_file(path, "config")
     if data is None:
         return {}
     if not isinstance(data, dict):

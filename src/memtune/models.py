@@ -180,14 +180,15 @@ def _build_full_precision(source: ModelSource, cfg: RunConfig, dtype: torch.dtyp
         return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The stack of decoder layers of a causal LM (peft-wrapped or not)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = base.get_decoder()
-    layers = getattr(decoder, "layers", None)
-    if layers is None:
-        raise UserError(f"model: {type(base).__name__} has no decoder.layers; memtune supports Llama-style decoders")
-    return layers
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The stack of decoder layers of a causal LM (peft-wrapped or not), as the kernels find it."""
+    from memtune.kernels._common import decoder_layers as find_layers
+
+    try:
+        return find_layers(model)
+    except ValueError:
+        raise UserError(f"model: {type(model).__name__} has no decoder layers; memtune supports "
+                        f"Llama-style decoders") from None
 
 
 def _quantized_linear(linear: nn.Linear, cfg: RunConfig, dtype: torch.dtype) -> nn.Module:
@@ -274,7 +275,9 @@ def _enable_transformers_checkpointing(model: nn.Module) -> None:
 
 
 def enable_checkpointing(model: nn.Module, cfg: RunConfig, notes: list[str]) -> None:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from memtune.kernels._common import base_model
+
+    base = base_model(model)
     if cfg.offload_activations:
         from memtune.kernels import enable_offloaded_checkpointing
 

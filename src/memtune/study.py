@@ -65,7 +65,7 @@ from typing import Any, Callable
 
 import yaml
 
-from memtune.config import FIELD_NAMES, RunConfig, from_dict, parse_memory_size, save_yaml
+from memtune.config import FIELD_NAMES, RunConfig, from_dict, parse_memory_size, parse_yaml_file, save_yaml
 from memtune import provenance
 from memtune.errors import UserError
 from memtune.store import DB_NAME, FINAL_STATUSES, PlanEntry, ResultStore, RunRecord
@@ -170,14 +170,7 @@ def resolve_study_path(name_or_file: str, relative_to: Path | None = None) -> Pa
 
 
 def _read_study_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise UserError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read the study ({exc.strerror})") from None
+    data = parse_yaml_file(path, "study")
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a YAML mapping with keys {', '.join(TOP_KEYS)}")
     return data

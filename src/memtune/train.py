@@ -21,6 +21,7 @@ from torch import nn
 from memtune import measure, provenance
 from memtune.config import RunConfig, parse_memory_size, save_yaml, write_text_atomic
 from memtune.errors import UserError
+from memtune.kernels._common import base_model
 from memtune.models import BuiltModel, build_model, count_parameters, trainable_line
 
 
@@ -86,10 +87,6 @@ def setup(cfg: RunConfig, log: Callable[[str], None]) -> Session:
 
 # --- the step ------------------------------------------------------------------
 
-def _causal_lm(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: RunConfig) -> torch.Tensor:
     """Mean next-token loss over the unmasked labels.
 
@@ -100,7 +97,7 @@ def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: RunConfi
     inputs = {"input_ids": batch["input_ids"]}
     if "position_ids" in batch:
         inputs["position_ids"] = batch["position_ids"]
-    lm = _causal_lm(model)
+    lm = base_model(model)
     head = lm.get_output_embeddings()
     if cfg.loss == "full" or not isinstance(head, nn.Linear) or type(head) is not nn.Linear:
         # A LoRA-wrapped or quantized lm_head has no plain weight to chunk over.
@@ -257,7 +254,7 @@ def _time_metrics(cfg: RunConfig, session: Session, timer: measure.StepTimer, gp
               "tokens_per_s": tokens / step_time}
     peak = measure.peak_flops(gpu_name)
     if peak:
-        config = _causal_lm(session.built.model).config
+        config = base_model(session.built.model).config
         flops = measure.train_flops_per_token(_dense_params(config), config.num_hidden_layers,
                                               config.hidden_size, session.bundle.seq_len, cfg.lora,
                                               cfg.gradient_checkpointing)
