@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import statistics
@@ -271,11 +272,12 @@ def _worker_run(spec: dict) -> dict:
     torch.manual_seed(spec["seed"])
 
     targets = TARGETS[spec["lora_targets"]]
-    model, autocast = _build_stack(stack, spec, targets, device)
-
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(spec["model_dir"])
+    if spec.get("grad_file"):
+        return {**info, **_gradient_pass(spec, tokenizer, device)}
+    model, autocast = _build_stack(stack, spec, targets, device)
     batches = first_batches(spec, tokenizer, spec["steps"])
     params = [p for p in model.parameters() if p.requires_grad]
     info["trainable_params"] = sum(p.numel() for p in params)
@@ -314,6 +316,84 @@ def _worker_run(spec: dict) -> dict:
     info["losses"] = losses
     info["step_times_s"] = times
     return info
+
+
+_LORA_KEY = re.compile(r"layers\.(\d+)\..*?(\w+_proj)\.lora_([AB])\b")
+
+
+def lora_key(name: str) -> str | None:
+    """'base_model.model.model.layers.3.self_attn.q_proj.lora_A.default.weight' -> '3.q_proj.A' (any stack)."""
+    m = _LORA_KEY.search(name)
+    return f"{m.group(1)}.{m.group(2)}.{m.group(3)}" if m else None
+
+
+def set_common_lora_weights(model) -> int:
+    """Give every LoRA tensor the same seeded values in every stack (B non-zero, so A gets a gradient too)."""
+    import zlib
+
+    import torch
+
+    count = 0
+    for name, param in model.named_parameters():
+        key = lora_key(name) if param.requires_grad else None
+        if key is None:
+            continue
+        g = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+        values = torch.randn(param.shape, generator=g)
+        values *= (1 / math.sqrt(param.shape[1])) if key.endswith("A") else 0.02
+        with torch.no_grad():
+            param.copy_(values.to(param.dtype))
+        count += 1
+    return count
+
+
+def _gradient_pass(spec: dict, tokenizer, device) -> dict:
+    """One forward + backward from common LoRA weights; saves the LoRA gradients (fp32, by lora_key)."""
+    import torch
+
+    stack, targets = spec["stack"], TARGETS[spec["lora_targets"]]
+    batch = first_batches(spec, tokenizer, 1)[0]
+    ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+    if spec.get("memtune_argv"):
+        from memtune.cli import build_verb_parser, config_from_args
+        from memtune.models import build_model
+        from memtune.train import forward_loss
+
+        parser, _module = build_verb_parser("train")
+        cfg = config_from_args(parser.parse_args(spec["memtune_argv"]))
+        model = build_model(cfg).model
+        model.train()
+
+        def loss_fn():
+            return forward_loss(model, {"input_ids": ids, "labels": labels}, cfg)
+    else:
+        model, autocast = _build_stack(stack, spec, targets, device)
+        model.train()
+
+        def loss_fn():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                return model(input_ids=ids, labels=labels, use_cache=False).loss
+    n = set_common_lora_weights(model)
+    loss = loss_fn()
+    loss.backward()
+    grads = {lora_key(name): p.grad.detach().float().cpu() for name, p in model.named_parameters()
+             if p.requires_grad and p.grad is not None and lora_key(name)}
+    if not grads or len(grads) != n:
+        raise RuntimeError(f"{len(grads)} LoRA gradients for {n} LoRA tensors")
+    torch.save(grads, spec["grad_file"])
+    return {"losses": [float(loss.detach().float())], "step_times_s": [], "lora_tensors": n}
+
+
+def gradient_errors(grads: dict, reference: dict) -> dict[str, float]:
+    """Relative L2 error of all LoRA gradients together, and of the worst single tensor."""
+    import torch
+
+    if grads.keys() != reference.keys():
+        raise ValueError(f"LoRA tensors differ: {sorted(set(grads) ^ set(reference))[:5]}")
+    diff = sum(float((grads[k] - reference[k]).pow(2).sum()) for k in reference)
+    norm = sum(float(reference[k].pow(2).sum()) for k in reference)
+    worst = max(float((grads[k] - reference[k]).norm() / reference[k].norm().clamp_min(1e-30)) for k in reference)
+    return {"grad_rel_error": math.sqrt(diff / max(norm, 1e-30)), "grad_worst_tensor_rel_error": worst}
 
 
 def _build_stack(stack: str, spec: dict, targets: list[str], device) -> tuple[Any, bool]:
@@ -414,12 +494,22 @@ def run_one(args: argparse.Namespace, stack: str, seq_len: int, model_dir: Path,
     work = Path(tempfile.mkdtemp(prefix=f"compare-{stack}-{seq_len}-", dir=args.work_dir))
     log = work / "log.txt"
     variant = args.variants.get(stack)
-    if stack == "memtune" or variant is not None:
+    memtune_stack = stack == "memtune" or variant is not None
+    if memtune_stack:
         extra = args.memtune_args if stack == "memtune" else variant
         record["stack_args"] = extra
         run_dir = work / "run"
         cmd = memtune_command(args, model_dir, seq_len, run_dir, extra)
-    else:
+    if mode == "grad":
+        spec = {"stack": stack, "seq_len": seq_len, "lora_targets": args.lora_targets, "seed": args.seed,
+                "steps": 1, "model_dir": str(model_dir), "result": str(work / "result.json"),
+                "max_positions": PRESETS[args.preset]["config"]["max_position_embeddings"],
+                "gpu_memory_cap_bytes": None, "grad_file": str(work / "grads.pt"),
+                "memtune_argv": cmd[4:] if memtune_stack else None}
+        record["grad_file"] = spec["grad_file"]
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+        memtune_stack = False  # the worker reports, in-process
+    elif not memtune_stack:
         spec = {"stack": stack, "seq_len": seq_len, "lora_targets": args.lora_targets, "seed": args.seed,
                 "steps": args.steps, "model_dir": str(model_dir), "result": str(work / "result.json"),
                 "max_positions": PRESETS[args.preset]["config"]["max_position_embeddings"],
@@ -436,7 +526,7 @@ def run_one(args: argparse.Namespace, stack: str, seq_len: int, model_dir: Path,
     record["peak_host_rss_bytes"] = rss
     record["exit_code"] = code
 
-    if stack == "memtune" or variant is not None:
+    if memtune_stack:
         _fill_from_memtune(record, run_dir / "metrics.json", code, log, args)
     else:
         _fill_from_worker(record, work / "result.json", code, log, args)
@@ -472,7 +562,9 @@ def _fill_from_worker(record: dict, path: Path, code: int | None, log: Path, arg
                 "trainable_params", "losses", "step_times_s", "traceback"):
         if key in result:
             record[key] = result[key]
-    if record["status"] == "ok":
+    if record["status"] == "ok" and record.get("mode") == "grad":
+        record["loss_step1"] = result["losses"][0]
+    elif record["status"] == "ok":
         step = _median_after_warmup(result["step_times_s"], args.warmup)
         record["step_time_s"] = step
         record["tokens_per_s"] = record["seq_len"] / step if step else None
@@ -594,9 +686,26 @@ def write_reports(out: Path, preset: str, tolerance: float) -> tuple[Path, Path 
             f"| {gb(r.get('peak_allocated_bytes'))} | {gb(r.get('peak_reserved_bytes'))} "
             f"| {gb(r.get('peak_host_rss_bytes'))} | {fmt(r.get('tokens_per_s'), ',.0f')} "
             f"| {fmt(r.get('step_time_s'), '.3f')} | {fmt(r.get('loss_step1'), '.4f')} |")
+    variants = {}
+    for r in records:
+        if r.get("stack", "").startswith("memtune") and r.get("preset", "r1-1.5b") == preset:
+            variants[r["stack"]] = (r.get("stack_args") or "", r.get("date", "")[:16])
+    if variants:
+        lines += ["", "memtune rows: `memtune train` with the defaults of the code at the row's date, plus:", ""]
+        lines += [f"- `{name}` (last run {date}): `{flags or '(no extra flags)'}`"
+                  for name, (flags, date) in sorted(variants.items())]
     problems = loss_agreement(rows, tolerance)
     lines += ["", "## First-step loss agreement", ""]
     lines += [f"- MISMATCH: {p}" for p in problems] or [f"All stacks agree within {tolerance} at every length."]
+    checks = latest_records([r for r in records if r.get("mode") == "grad"], preset)
+    if checks:
+        lines += ["", "## LoRA gradients against seed (one step from common LoRA weights)", "",
+                  "| targets | seq_len | stack | status | relative error (all LoRA tensors) | worst tensor | loss |",
+                  "|---|---:|---|---|---:|---:|---:|"]
+        for r in checks:
+            lines.append(f"| {r.get('lora_targets')} | {r['seq_len']} | {r['stack']} | {r.get('status')} "
+                         f"| {fmt(r.get('grad_rel_error'), '.2e')} | {fmt(r.get('grad_worst_tensor_rel_error'), '.2e')} "
+                         f"| {fmt(r.get('loss_step1'), '.4f')} |")
     found = search_summary(records, preset)
     if found:
         lines += ["", "## Longest trainable length (search)", "",
@@ -657,6 +766,27 @@ def fixed_lengths(args, stacks: list[str], model_dir: Path) -> None:
             run_one(args, stack, seq_len, model_dir, "fixed")
 
 
+def gradient_check(args, stacks: list[str], model_dir: Path) -> None:
+    """LoRA gradients of one step from common weights, each stack against `seed` (computed first)."""
+    import torch
+
+    order = ["seed"] + [s for s in stacks if s != "seed"]
+    for seq_len in args.seq_lens:
+        reference = None
+        for stack in order:
+            record = run_one(args, stack, seq_len, model_dir, "grad")
+            if record.get("status") != "ok":
+                continue
+            grads = torch.load(record["grad_file"])
+            if reference is None:
+                reference = grads
+            record.update(gradient_errors(grads, reference))
+            append_record(args.out, record)  # the newest record per row wins in the reports
+            print(f"compare: {stack} @ {seq_len}: LoRA gradients vs seed: relative error "
+                  f"{record['grad_rel_error']:.2e} (worst tensor {record['grad_worst_tensor_rel_error']:.2e})",
+                  flush=True)
+
+
 def max_length_search(args, stacks: list[str], model_dir: Path) -> None:
     """Per stack: double from the start length until a failure, then bisect to the granularity."""
     start, top, step = args.search_start, args.search_max, args.search_granularity
@@ -713,6 +843,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="largest first-step loss difference from the median before it is flagged")
     p.add_argument("--max-length-search", action="store_true",
                    help="find each stack's longest trainable length (use with --gpu-memory)")
+    p.add_argument("--grad-check", action="store_true",
+                   help="compare each stack's LoRA gradients of one step with seed's (from common LoRA weights)")
     p.add_argument("--search-start", type=int, default=None)
     p.add_argument("--search-max", type=int, default=None)
     p.add_argument("--search-granularity", type=int, default=None)
@@ -751,7 +883,9 @@ def main(argv: list[str] | None = None) -> int:
         return worker(json.loads(args.worker))
     if not args.report_only:
         model_dir = prepare_model_dir(args.preset, args.model_cache)
-        if args.max_length_search:
+        if args.grad_check:
+            gradient_check(args, args.stack_list, model_dir)
+        elif args.max_length_search:
             max_length_search(args, args.stack_list, model_dir)
         else:
             fixed_lengths(args, args.stack_list, model_dir)

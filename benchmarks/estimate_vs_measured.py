@@ -1,59 +1,72 @@
 """Estimated vs measured peak allocated memory on the H200, written to a markdown table.
 
 Sources (all committed under benchmarks/results/):
-- h200-study-uncapped.log: the `h200-memory` study without a cap. Its results
-  database was lost to a command time-out, so the measured peak is read from
-  the study's progress lines (GiB with two decimals: +-0.005 GiB). The
-  configuration of each line is recovered by expanding the same study file.
-- h200-study-capped/results.sqlite: the same study under a 24 GiB cap (exact
-  bytes; OOM rows have no finished peak and are listed without an error).
+- h200-study-uncapped/results.sqlite: the `h200-memory` study without a cap.
+- h200-study-capped/results.sqlite: the same study under a 24 GiB cap (OOM rows
+  have no finished peak and are listed without an error).
+- compare-h200.json: memtune's rows of the side-by-side comparison measured
+  from 2026-11-28T23:00Z on (bf16 LoRA matmuls and later). Their configuration
+  is rebuilt from the recorded command line over the defaults of that time
+  (`COMPARE_DEFAULTS`), with the preset of the same shape as the model.
 
-The estimates are recomputed with the current estimator from each run's
-configuration, so the table shows how well today's model predicts those runs.
+Stored configurations that predate a field are read with the value the run
+had (`memtune.config.from_stored_dict`). The estimates are recomputed with the
+current estimator, so the table shows how well today's model predicts them.
 
     python benchmarks/estimate_vs_measured.py
 """
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from memtune.config import FIELD_NAMES as FIELDS  # noqa: E402
 from memtune.estimate import compare_to_measurements  # noqa: E402
 from memtune.store import ResultStore  # noqa: E402
-from memtune.study import expand, load_study  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-STUDY = ROOT / "benchmarks" / "studies" / "h200-memory.yaml"
-LINE = re.compile(r"^\[\d+/\d+ [\d:]+\] (?P<label>.+?) \.\.\. ok [\d.]+s peak (?P<gib>[\d.]+) GiB")
-ONLY = ["seq_len", "lora_rank", "quantization", "checkpointing", "techniques", "families"]
 
 
-def uncapped_rows() -> list[dict]:
-    plan = expand(load_study(str(STUDY)), {"random_init": True}, only=ONLY)
-    by_label = {run.label: run.config for run in plan.runs}
-    rows = []
-    for line in (RESULTS / "h200-study-uncapped.log").read_text().splitlines():
-        match = LINE.match(line)
-        if not match:
-            continue
-        cfg = by_label[match["label"]]
-        rows.append({"config": cfg.to_dict(), "measured_bytes": float(match["gib"]) * 2**30,
-                     "label": match["label"]})
-    return rows
-
-
-def capped_rows() -> list[dict]:
-    store = ResultStore(RESULTS / "h200-study-capped" / "results.sqlite")
+def study_rows(name: str) -> list[dict]:
+    store = ResultStore(RESULTS / name / "results.sqlite")
     rows = []
     for run in store.runs():
         metrics = run.get("metrics") or {}
         rows.append({"config": run["config"], "measured_bytes": metrics.get("peak_allocated_bytes")
                      if run["status"] == "ok" else None, "status": run["status"]})
+    return rows
+
+
+# memtune's defaults when the compare rows were measured (before the memory techniques were
+# switched on by default): flags on each command line override these.
+COMPARE_DEFAULTS = {"offload_activations": False, "tiled_mlp_chunk": 0, "embeddings_on_host": False,
+                    "fuse_elementwise": False, "loss_chunk_tokens": 4096, "lora_matmul": "compute"}
+COMPARE_SINCE = "2026-11-28T23:00"
+
+
+def compare_rows() -> list[dict]:
+    import json
+    import shlex
+
+    from memtune.cli import build_verb_parser
+
+    parser, _module = build_verb_parser("train")
+    rows = []
+    for record in json.loads((RESULTS / "compare-h200.json").read_text()):
+        if (not record.get("stack", "").startswith("memtune") or record.get("mode", "fixed") == "grad"
+                or record.get("date", "") < COMPARE_SINCE):
+            continue
+        argv = shlex.split(record["command"])[4:]  # after: python -m memtune train
+        flags = {k: v for k, v in vars(parser.parse_args(argv)).items() if k in COMPARE_DEFAULTS or k in FIELDS}
+        config = {**COMPARE_DEFAULTS, **flags, "model": "deepseek-r1-distill-qwen-1.5b", "out": "", "eval": False}
+        config.pop("gpu_memory", None)
+        rows.append({"config": config, "status": record.get("status"),
+                     "measured_bytes": record.get("peak_allocated_bytes") if record.get("status") == "ok" else None,
+                     "label": f"{record['stack']} {record['seq_len']}"})
     return rows
 
 
@@ -65,13 +78,17 @@ def main() -> int:
         "random weights; 5 steps per run. Estimates from `memtune estimate` (`memtune.estimate`),",
         "recomputed by `benchmarks/estimate_vs_measured.py` from each run's configuration.",
         "",
-        "## h200-memory study, no cap (measured peak from the study log, 0.01 GiB resolution)",
+        "## h200-memory study, no cap (h200-study-uncapped/results.sqlite)",
         "",
-        compare_to_measurements(uncapped_rows()),
+        compare_to_measurements(study_rows("h200-study-uncapped")),
         "",
-        "## h200-memory study, 24 GiB cap (exact bytes from results.sqlite)",
+        "## h200-memory study, 24 GiB cap (h200-study-capped/results.sqlite)",
         "",
-        compare_to_measurements(capped_rows()),
+        compare_to_measurements(study_rows("h200-study-capped")),
+        "",
+        "## memtune rows of the side-by-side comparison (compare-h200.json)",
+        "",
+        compare_to_measurements(compare_rows()),
         "",
     ]
     out = RESULTS / "estimate-vs-measured-h200.md"

@@ -58,9 +58,20 @@ def test_full_finetuning_needs_unquantized_weights():
     assert from_dict({"lora": False, "quantization": "none"}).lora is False
 
 
-def test_offload_needs_checkpointing():
-    with pytest.raises(UserError, match="offload_activations"):
-        from_dict({"offload_activations": True, "gradient_checkpointing": False})
+def test_offload_acts_only_with_checkpointing():
+    # on by default, so turning checkpointing off must not be an error; there is just nothing to offload
+    cfg = from_dict({"gradient_checkpointing": False})
+    assert cfg.offload_activations and not cfg.offloads_checkpoints
+    assert from_dict({}).offloads_checkpoints
+    assert not from_dict({"offload_activations": False}).offloads_checkpoints
+
+
+def test_stored_configs_read_back_as_they_ran():
+    from memtune.config import from_stored_dict
+
+    old = from_stored_dict({"seq_len": 1024, "offload_activations": False})  # stored before the newer fields
+    assert old.lora_matmul == "fp32" and not old.embeddings_on_host and not old.fuse_elementwise
+    assert from_stored_dict({"lora_matmul": "compute"}).lora_matmul == "compute"
 
 
 def test_flag_strings_are_coerced():

@@ -294,6 +294,23 @@ def test_tiled_mlp_with_offloaded_checkpointing_matches_plain(dtype):
     _assert_same(_step(both, ids, labels), plain, dtype)
 
 
+def test_tiled_mlp_skips_its_forward_in_an_offloaded_recompute():
+    # forward (3 chunks), the offloaded recompute (skipped: its output is discarded), the tiled
+    # backward (3 chunks) = 6 down_proj calls per layer, not 9
+    model = _tiny_lora_model(torch.float32)
+    ids, labels = _batch(seq=21)
+    plain = _step(copy.deepcopy(model), ids, labels)
+    enable_tiled_mlp(model, 8)
+    enable_offloaded_checkpointing(model)
+    calls = []
+    hooks = [layer.mlp.down_proj.register_forward_hook(lambda *_: calls.append(1))
+             for layer in model.get_base_model().model.layers]
+    _assert_same(_step(model, ids, labels), plain, torch.float32)
+    for hook in hooks:
+        hook.remove()
+    assert len(calls) == 2 * 2 * 3
+
+
 def test_tiled_mlp_recompute_replays_dropout():
     # with dropout the tiled forward draws per-chunk masks; its backward must replay them:
     # compare against the same chunked computation differentiated directly
@@ -483,3 +500,20 @@ def test_compute_dtype_lora_defers_to_peft_outside_the_plain_case():
         with torch.no_grad():
             plain = model(input_ids=ids).logits
     assert not torch.equal(plain, model(input_ids=ids).logits)
+
+
+def test_fused_elementwise_math_matches_transformers(dtype):
+    # the uncompiled functions: the math torch.compile fuses on a GPU
+    from memtune.kernels import disable_fused_elementwise, enable_fused_elementwise
+
+    base = _tiny_lora_model(dtype)
+    ids, labels = _batch()
+    plain = _step(base, ids, labels)
+    fused = copy.deepcopy(base)
+    assert enable_fused_elementwise(fused, compile_fn=False) == 2 * 2 + 1 + 2  # 2 norms a layer, final norm, 2 MLPs
+    _assert_same(_step(fused, ids, labels), plain, dtype)
+    enable_tiled_mlp(fused, 4)  # tiling wraps the fused MLP forward
+    enable_offloaded_checkpointing(fused)
+    _assert_same(_step(fused, ids, labels), plain, dtype)
+    disable_tiled_mlp(fused)
+    assert disable_fused_elementwise(fused) == 7

@@ -51,8 +51,10 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         if f.type in ("bool", bool):
             parser.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS,
                                 help=f"{text} {default_text}")
+            # on-by-default switches show their off flag
             parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
-                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+                                default=argparse.SUPPRESS,
+                                help=f"turn {flag} off" if f.default is True else argparse.SUPPRESS)
         else:
             parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar="VALUE",
                                 help=f"{text} {default_text}")

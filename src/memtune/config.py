@@ -27,6 +27,7 @@ LossImpl = Literal["chunked", "full"]
 Attention = Literal["auto", "sdpa", "eager", "flash_attention_2"]
 DataFormat = Literal["auto", "text", "prompt_completion", "gsm8k", "alpaca", "messages"]
 LongPolicy = Literal["truncate", "drop"]
+LoraMatmul = Literal["compute", "fp32"]
 Device = Literal["auto", "cuda", "cpu"]
 
 
@@ -58,19 +59,39 @@ class RunConfig:
     # "default" = peft's default for the architecture (q_proj, v_proj for
     # Qwen2/Llama), "all-linear", or a list of module names.
     lora_targets: Union[str, tuple[str, ...]] = "default"
+    # compute = the adapter matmuls run in the compute dtype (bf16), as they do
+    # under autocast, with fp32 master weights; fp32 = peft's own path, which
+    # casts each adapted layer's input to fp32 and keeps that copy for
+    # backward (2x the bytes of the input, once per adapted module).
+    lora_matmul: LoraMatmul = "compute"
 
     # --- memory techniques -------------------------------------------------
+    # All on by default: measured together on the H200 (1.5B shape, 16384
+    # tokens) they take 2.14 GB instead of 5.29 GB and run 3% faster
+    # (benchmarks/results/compare-h200.md, rows memtune and memtune-lean-fused).
     gradient_checkpointing: bool = True  # recompute activations: less memory, ~30% more time
     # Keep the checkpointed layer inputs in pinned host memory, copied on a
-    # side stream: GPU activation memory no longer grows with depth.
-    offload_activations: bool = False
+    # side stream: GPU activation memory no longer grows with depth. Needs
+    # gradient_checkpointing (with it off there are no checkpoints to move).
+    offload_activations: bool = True
     # Run the MLP over chunks of the sequence so its [tokens, intermediate]
-    # tensors never exist whole. 0 = off; otherwise the chunk length in tokens.
-    tiled_mlp_chunk: int = 0
+    # tensors never exist whole. 0 = off; otherwise the chunk length in tokens
+    # (sequences no longer than one chunk run untiled).
+    tiled_mlp_chunk: int = 4096
+    # Keep the frozen input-embedding table in pinned host memory and look the
+    # batch's tokens up there: 0.47 GB less on the GPU for the 1.5B shape,
+    # 1.05 GB for Llama-3.1-8B. Only on a CUDA GPU; kept on the GPU, with a
+    # note, when the table is tied to the lm_head (the lm_head needs it there).
+    embeddings_on_host: bool = True
+    # Compile each RMSNorm and the MLP's silu(gate) * up into fused kernels
+    # (torch.compile, same math; the first steps compile). CUDA GPUs only.
+    fuse_elementwise: bool = True
     # chunked = never materialise the [tokens, vocab] logits (loss and its
     # gradient computed a chunk of tokens at a time); full = model's own loss.
     loss: LossImpl = "chunked"
-    loss_chunk_tokens: int = 4096
+    # 512 tokens x a 152k vocabulary = 0.47 GB of chunk logits at the peak;
+    # the lm_head matmuls stay compute bound down to about that size.
+    loss_chunk_tokens: int = 512
 
     # --- training ----------------------------------------------------------
     seq_len: int = 16384  # capped to what the data and the model allow
@@ -125,6 +146,11 @@ class RunConfig:
         data.pop("out")
         text = json.dumps(data, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @property
+    def offloads_checkpoints(self) -> bool:
+        """Checkpoints go to host memory: offload_activations, which acts only with checkpointing on."""
+        return self.offload_activations and self.gradient_checkpointing
 
     def resolved_batch_size(self, effective_seq_len: int) -> int:
         """batch_size, with 0 (auto) turned into as many sequences as fill seq_len tokens, at most 8."""
@@ -217,8 +243,6 @@ def _cross_field_problems(cfg: RunConfig) -> list[str]:
             f"lora: full fine-tuning (lora false) needs quantization none; bitsandbytes "
             f"{cfg.quantization} weights are frozen and cannot be trained directly"
         )
-    if cfg.offload_activations and not cfg.gradient_checkpointing:
-        problems.append("offload_activations: needs gradient_checkpointing true (it offloads the checkpoints)")
     if cfg.answer_regex:
         import re
 
@@ -262,6 +286,16 @@ def from_dict(values: dict[str, Any], source: str = "config") -> RunConfig:
         if not problems:
             return cfg
     raise UserError("; ".join(problems))
+
+
+# Fields added after results were first stored, with the value a run made before
+# them had: a stored config without the key is read back as what actually ran.
+LEGACY_VALUES: dict[str, Any] = {"lora_matmul": "fp32", "embeddings_on_host": False, "fuse_elementwise": False}
+
+
+def from_stored_dict(values: dict[str, Any]) -> RunConfig:
+    """A RunConfig from a stored (resolved) config, which may predate newer fields."""
+    return from_dict({**LEGACY_VALUES, **values}, source="stored config")
 
 
 def parse_yaml_file(path: Path, what: str) -> Any:

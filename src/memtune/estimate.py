@@ -390,14 +390,26 @@ def optimizer_state_bytes(tensors: list[int], param_bytes: int, optimizer: str) 
 
 # --- activations ------------------------------------------------------------------
 
-def rmsnorm_saved_per_token(width: int, trainable_weight: bool, dtype_bytes: int) -> int:
+def rmsnorm_saved_per_token(width: int, trainable_weight: bool, dtype_bytes: int, fused: bool = False) -> int:
     """RMSNorm (x.float(); x * rsqrt(mean(x^2) + eps); weight * x.to(dtype)) keeps, per token:
 
-    the fp32 copy of x (saved by pow and mul)      4 x width
+    the fp32 copy of x (saved by pow and mul)      4 x width      (fused: x itself, dtype x width)
     rsqrt(...)                                     4
     x.to(dtype) for the weight's gradient          dtype x width   (only when the weight trains)
+
+    fused = memtune.kernels.fused (compiled): the kernel keeps its input and recomputes the rest.
     """
-    return 4 * width + 4 + (dtype_bytes * width if trainable_weight else 0)
+    kept_input = dtype_bytes * width if fused else 4 * width
+    return kept_input + 4 + (dtype_bytes * width if trainable_weight else 0)
+
+
+def fuses_elementwise(cfg: RunConfig, device: str) -> bool:
+    return cfg.fuse_elementwise and device == "cuda"
+
+
+def tiles_mlp(cfg: RunConfig, seq_len: int) -> bool:
+    """The tiled MLP runs sequences longer than one chunk tiled; shorter ones untouched."""
+    return 0 < cfg.tiled_mlp_chunk < seq_len
 
 
 def lora_saved_per_token(in_features: int, rank: int, dropout: float, device: str = "cuda") -> int:
@@ -411,6 +423,36 @@ def lora_saved_per_token(in_features: int, rank: int, dropout: float, device: st
     """
     mask = (1 if device == "cuda" else 4) * in_features if dropout > 0 else 0
     return 4 * in_features + mask + 4 * rank
+
+
+# Adapted linears that read the same input tensor (q/k/v read the attention norm's
+# output, gate/up the MLP norm's); o_proj reads the attention output, which SDPA keeps anyway.
+_SHARED_INPUT = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in",
+                 "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in"}
+
+
+def lora_layer_saved_per_token(shape: ModelShape, cfg: RunConfig, dtype_bytes: int, device: str = "cuda",
+                               only: tuple[str, ...] | None = None) -> int:
+    """Everything the LoRA adapters of one layer keep per token (optionally only the named linears).
+
+    lora_matmul fp32 (peft's path): `lora_saved_per_token` per adapter.
+    lora_matmul compute (memtune.kernels.lora), per adapter:
+        lora_A output saved by lora_B             dtype x r
+        dropout 0: lora_A's input is the base layer's input, saved once per distinct
+                   tensor (dtype x in for q/k/v together, gate/up together, down_proj;
+                   o_proj's input is the attention output, already kept)
+        dropout > 0: dropout(x) in the dtype + its mask, per adapter
+    """
+    linears = [lin for lin in lora_target_linears(shape, cfg.lora_targets) if only is None or lin.name in only]
+    if cfg.lora_matmul == "fp32":
+        return sum(lora_saved_per_token(lin.in_features, cfg.lora_rank, cfg.lora_dropout, device)
+                   for lin in linears)
+    total = sum(dtype_bytes * cfg.lora_rank for _ in linears)
+    if cfg.lora_dropout > 0:
+        mask = 1 if device == "cuda" else dtype_bytes  # CPU dropout keeps its noise in the input's dtype
+        return total + sum((dtype_bytes + mask) * lin.in_features for lin in linears)
+    inputs = {_SHARED_INPUT[lin.name]: lin.in_features for lin in linears if lin.name in _SHARED_INPUT}
+    return total + dtype_bytes * sum(inputs.values())
 
 
 def flash_attention_saved_per_token(shape: ModelShape, dtype_bytes: int) -> int:
@@ -434,12 +476,12 @@ def eager_attention_saved_per_token(shape: ModelShape, seq_len: int, dtype_bytes
     return 3 * dtype_bytes * shape.q_dim + shape.heads * seq_len * (4 + dtype_bytes)
 
 
-def qk_norm_saved_per_token(shape: ModelShape, dtype_bytes: int, trainable: bool) -> int:
+def qk_norm_saved_per_token(shape: ModelShape, dtype_bytes: int, trainable: bool, fused: bool = False) -> int:
     """Qwen3's RMSNorm over each head of q and k: fp32 copies + one rsqrt per head."""
     if not shape.qk_norm:
         return 0
-    q = shape.heads * (rmsnorm_saved_per_token(shape.head_dim, trainable, dtype_bytes))
-    k = shape.kv_heads * (rmsnorm_saved_per_token(shape.head_dim, trainable, dtype_bytes))
+    q = shape.heads * (rmsnorm_saved_per_token(shape.head_dim, trainable, dtype_bytes, fused))
+    k = shape.kv_heads * (rmsnorm_saved_per_token(shape.head_dim, trainable, dtype_bytes, fused))
     return q + k
 
 
@@ -460,25 +502,29 @@ def projection_inputs_saved_per_token(shape: ModelShape, cfg: RunConfig, dtype_b
     return dtype_bytes * (2 * shape.hidden + shape.intermediate)
 
 
-def mlp_saved_per_token(shape: ModelShape, dtype_bytes: int, tiled: bool) -> int:
+def mlp_saved_per_token(shape: ModelShape, dtype_bytes: int, tiled: bool, fused: bool = False) -> int:
     """The gated MLP down(silu(gate(x)) * up(x)) keeps gate(x) (for silu), silu(.) and up(x) (for *):
 
-    3 x intermediate x dtype. Tiled (memtune.kernels.tiled_mlp): only its input, hidden x dtype.
+    3 x intermediate x dtype; fused (compiled silu * up, silu recomputed in backward): 2 x.
+    Tiled (memtune.kernels.tiled_mlp): only its input, hidden x dtype.
     """
-    return dtype_bytes * shape.hidden if tiled else 3 * dtype_bytes * shape.intermediate
+    if tiled:
+        return dtype_bytes * shape.hidden
+    return (2 if fused else 3) * dtype_bytes * shape.intermediate
 
 
 def layer_saved_per_token(shape: ModelShape, cfg: RunConfig, dtype_bytes: int, seq_len: int,
                           device: str = "cuda") -> dict[str, int]:
     """Everything one decoder layer's forward keeps for its backward, bytes per token, by part."""
     full_ft = not cfg.lora
-    tiled = cfg.tiled_mlp_chunk > 0
+    tiled = tiles_mlp(cfg, seq_len)
+    fused = fuses_elementwise(cfg, device)
     parts = {
-        "norms": 2 * rmsnorm_saved_per_token(shape.hidden, full_ft, dtype_bytes),
+        "norms": 2 * rmsnorm_saved_per_token(shape.hidden, full_ft, dtype_bytes, fused),
         "attention": (eager_attention_saved_per_token(shape, seq_len, dtype_bytes) if cfg.attention == "eager"
                       else flash_attention_saved_per_token(shape, dtype_bytes)),
-        "qk_norm": qk_norm_saved_per_token(shape, dtype_bytes, full_ft),
-        "mlp": mlp_saved_per_token(shape, dtype_bytes, tiled),
+        "qk_norm": qk_norm_saved_per_token(shape, dtype_bytes, full_ft, fused),
+        "mlp": mlp_saved_per_token(shape, dtype_bytes, tiled, fused),
         "projection_inputs": projection_inputs_saved_per_token(shape, cfg, dtype_bytes),
         "lora": 0,
     }
@@ -486,22 +532,18 @@ def layer_saved_per_token(shape: ModelShape, cfg: RunConfig, dtype_bytes: int, s
         # the tiled MLP runs under no_grad in the forward: its linears keep nothing
         parts["projection_inputs"] -= dtype_bytes * (shape.hidden + shape.intermediate)
     if cfg.lora:
-        for lin in lora_target_linears(shape, cfg.lora_targets):
-            if tiled and lin.name in ("gate_proj", "up_proj", "down_proj"):
-                continue
-            parts["lora"] += lora_saved_per_token(lin.in_features, cfg.lora_rank, cfg.lora_dropout, device)
+        only = ("q_proj", "k_proj", "v_proj", "o_proj") if tiled else None
+        parts["lora"] = lora_layer_saved_per_token(shape, cfg, dtype_bytes, device, only)
     return parts
 
 
 def mlp_chunk_saved_per_token(shape: ModelShape, cfg: RunConfig, dtype_bytes: int, device: str = "cuda") -> int:
     """What the untiled MLP of one layer keeps per token (gate, act, up, LoRA and base-linear inputs)."""
-    per_token = 3 * dtype_bytes * shape.intermediate
+    per_token = mlp_saved_per_token(shape, dtype_bytes, False, fuses_elementwise(cfg, device))
     if cfg.quantization == "int8" or not cfg.lora:
         per_token += dtype_bytes * (shape.hidden + shape.intermediate)
     if cfg.lora:
-        for lin in lora_target_linears(shape, cfg.lora_targets):
-            if lin.name in ("gate_proj", "up_proj", "down_proj"):
-                per_token += lora_saved_per_token(lin.in_features, cfg.lora_rank, cfg.lora_dropout, device)
+        per_token += lora_layer_saved_per_token(shape, cfg, dtype_bytes, device, ("gate_proj", "up_proj", "down_proj"))
     return per_token
 
 
@@ -603,6 +645,9 @@ def estimate_for_shape(cfg: RunConfig, shape: ModelShape, device: str = "cuda") 
 
     # persistent: weights, adapters, optimizer states (exist from the second step on)
     persistent = _weights(shape, cfg, c)
+    host = {}
+    if cfg.embeddings_on_host and not shape.tie_embeddings and device == "cuda":
+        host["embeddings"] = persistent.pop("embeddings")  # memtune.kernels.host_embedding
     tensors, param_bytes = trainable_tensors(shape, cfg)
     if cfg.lora:
         persistent["lora_params"] = gradient_bytes(tensors, param_bytes)
@@ -623,10 +668,9 @@ def estimate_for_shape(cfg: RunConfig, shape: ModelShape, device: str = "cuda") 
     phases["optimizer_step"] = {**persistent, "gradients": grads}
     phase = max(phases, key=lambda k: sum(phases[k].values()))
     breakdown = {k: int(v) for k, v in phases[phase].items() if v}
-    host = {}
     if paged:
         host["paged_optimizer_states"] = paged
-    if cfg.offload_activations:
+    if cfg.offloads_checkpoints:
         host["offloaded_checkpoints"] = shape.layers * _round(tokens * shape.hidden * c)
     return Estimate(total_bytes=sum(breakdown.values()), breakdown=breakdown, host_bytes=host,
                     phase=phase, seq_len=seq, notes=notes)
@@ -647,10 +691,10 @@ def _activation_phases(shape: ModelShape, cfg: RunConfig, c: int, seq: int, toke
     layer_bytes = tokens * per_layer
     ckpt_one = _round(tokens * shape.hidden * c)  # one layer input [B, L, H]
     rope = 2 * _round(tokens * shape.head_dim * c)  # cos and sin [B, L, head_dim], shared by all layers
-    final_norm = _round(tokens * rmsnorm_saved_per_token(shape.hidden, not cfg.lora, c))
+    final_norm = _round(tokens * rmsnorm_saved_per_token(shape.hidden, not cfg.lora, c, fuses_elementwise(cfg, device)))
     hidden_out = ckpt_one  # last_hidden_state
 
-    if cfg.offload_activations:
+    if cfg.offloads_checkpoints:
         stored = {"checkpoints": 2 * ckpt_one}  # the layer being recomputed and the one being prefetched
         current_layer = layer_bytes
     elif cfg.gradient_checkpointing:
@@ -662,11 +706,18 @@ def _activation_phases(shape: ModelShape, cfg: RunConfig, c: int, seq: int, toke
     stored["rope_cache"] = rope
 
     workspace = tokens * layer_backward_workspace_per_token(shape, c)
-    if cfg.tiled_mlp_chunk:
-        chunk = min(cfg.tiled_mlp_chunk, seq) * cfg.batch_size
+    if tiles_mlp(cfg, seq):
+        chunk = cfg.tiled_mlp_chunk * cfg.batch_size
         workspace = tokens * c * 2 * shape.hidden + chunk * (
             mlp_chunk_saved_per_token(shape, cfg, c, device) + 3 * c * shape.intermediate)
         workspace += tokens * c * shape.hidden  # the tiled MLP's grad_x buffer
+        if not fuses_elementwise(cfg, device):
+            # With the MLP's [tokens, intermediate] gradients chunked, the largest backward moment
+            # becomes an RMSNorm's: its decomposed backward holds about three fp32 [tokens, hidden]
+            # temporaries (the fp32 grad, its product with rsqrt, the pow backward). Measured: the
+            # offloaded + tiled 1.5B runs at 65536 / 131072 tokens held 18-21 KB a token above the
+            # terms before this one (benchmarks/results/estimate-vs-measured-h200.md).
+            workspace += tokens * 3 * 4 * shape.hidden
     workspace += dequantized_weight_bytes(shape, cfg, c)
     workspace += int8_matmul_workspace_bytes(shape, cfg, tokens)
 
@@ -687,7 +738,7 @@ def _activation_phases(shape: ModelShape, cfg: RunConfig, c: int, seq: int, toke
     forward_loss = {**stored, "final_norm": final_norm + hidden_out, "logits_and_loss": loss_peak}
     backward = {**stored, "layer_activations": stored.get("layer_activations", 0) + current_layer,
                 "backward_workspace": workspace, "logits_and_loss": 0}
-    if cfg.gradient_checkpointing or cfg.offload_activations:
+    if cfg.gradient_checkpointing:
         backward["checkpoints"] = stored["checkpoints"]
     loss_backward = {**stored, "final_norm": final_norm + hidden_out, "logits_and_loss": loss_after}
     return {"forward_loss": forward_loss, "backward_last_layer": backward, "loss_backward": loss_backward}
@@ -703,7 +754,7 @@ def format_estimate(estimate: Estimate, cfg: RunConfig) -> str:
     lines = [f"predicted peak allocated: {gib(estimate.total_bytes)}  ({estimate.total_bytes:,d} bytes)",
              f"  model {cfg.model}, seq_len {estimate.seq_len}, batch {cfg.batch_size or 'auto (1)'}, quantization "
              f"{cfg.quantization}, {'LoRA r=' + str(cfg.lora_rank) if cfg.lora else 'full fine-tuning'}, "
-             f"checkpointing {'offloaded' if cfg.offload_activations else 'on' if cfg.gradient_checkpointing else 'off'}, "
+             f"checkpointing {'offloaded' if cfg.offloads_checkpoints else 'on' if cfg.gradient_checkpointing else 'off'}, "
              f"loss {cfg.loss}, peak at {estimate.phase.replace('_', ' ')}",
              ""]
     width = max(len(k) for k in estimate.breakdown) if estimate.breakdown else 10
@@ -726,9 +777,20 @@ def _summary(row: dict[str, Any]) -> str:
         bits.append(f"r={cfg.get('lora_rank', '?')}")
     else:
         bits.append("full")
-    bits.append("ckpt" if cfg.get("gradient_checkpointing", True) else "no-ckpt")
-    if cfg.get("offload_activations"):
+    ckpt = cfg.get("gradient_checkpointing", True)
+    bits.append("ckpt" if ckpt else "no-ckpt")
+    if ckpt and cfg.get("offload_activations"):
         bits.append("offload")
+    if cfg.get("tiled_mlp_chunk"):
+        bits.append(f"tiled{cfg['tiled_mlp_chunk']}")
+    if cfg.get("embeddings_on_host"):
+        bits.append("host-emb")
+    if cfg.get("fuse_elementwise"):
+        bits.append("fused")
+    if cfg.get("lora", True) and cfg.get("lora_matmul") == "compute":
+        bits.append("bf16-lora")
+    if cfg.get("loss_chunk_tokens") not in (None, 4096):
+        bits.append(f"loss-chunk{cfg['loss_chunk_tokens']}")
     if cfg.get("loss") == "full":
         bits.append("full-loss")
     if cfg.get("batch_size", 1) != 1:
@@ -747,13 +809,15 @@ def compare_to_measurements(rows: Iterable[dict[str, Any]]) -> str:
     for row in rows:
         measured = row.get("measured_bytes")
         estimated = row.get("estimated_bytes")
-        if estimated is None and row.get("config"):
-            from memtune.config import from_dict
+        if row.get("config"):
+            from memtune.config import from_stored_dict
 
-            cfg = from_dict({k: v for k, v in row["config"].items()})
+            cfg = from_stored_dict(dict(row["config"]))
             if row.get("seq_len"):
                 cfg = cfg.replace(seq_len=int(row["seq_len"]))
-            estimated = estimate_memory(cfg).total_bytes
+            row = {**row, "config": cfg.to_dict()}  # the summary shows what ran, defaults included
+            if estimated is None:
+                estimated = estimate_memory(cfg).total_bytes
         if not measured:
             lines.append(f"| {_summary(row)} | {row.get('status', 'n/a')} | {gib(estimated or 0)} | n/a |")
             continue

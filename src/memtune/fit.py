@@ -44,7 +44,7 @@ class Candidate:
         return self.needed_bytes <= self.budget_bytes
 
     def checkpointing(self) -> str:
-        if self.cfg.offload_activations:
+        if self.cfg.offloads_checkpoints:
             return "offload"
         return "on" if self.cfg.gradient_checkpointing else "off"
 
@@ -94,7 +94,7 @@ def search_space(base: RunConfig, fixed: set[str], max_positions: int) -> Iterab
 
 
 def _rank_key(cand: Candidate, seq_fixed: bool) -> tuple:
-    techniques = int(cand.cfg.gradient_checkpointing) + int(cand.cfg.offload_activations)
+    techniques = int(cand.cfg.gradient_checkpointing) + int(cand.cfg.offloads_checkpoints)
     quant = QUANT_PREFERENCE.index(cand.cfg.quantization) if cand.cfg.quantization in QUANT_PREFERENCE else 9
     return (0 if seq_fixed else -cand.estimate.seq_len, quant, techniques, cand.needed_bytes)
 

@@ -258,9 +258,14 @@ def add_lora(model: nn.Module, cfg: RunConfig) -> nn.Module:
     )
     try:
         # autocast_adapter_dtype keeps the adapter weights fp32 for stable updates.
-        return get_peft_model(model, lora_config, autocast_adapter_dtype=True)
+        model = get_peft_model(model, lora_config, autocast_adapter_dtype=True)
     except ValueError as exc:
         raise UserError(f"lora_targets: {exc}".splitlines()[0]) from None
+    if cfg.lora_matmul == "compute":
+        from memtune.kernels import enable_compute_dtype_lora
+
+        enable_compute_dtype_lora(model)
+    return model
 
 
 def _enable_transformers_checkpointing(model: nn.Module) -> None:
@@ -278,7 +283,7 @@ def enable_checkpointing(model: nn.Module, cfg: RunConfig, notes: list[str]) -> 
     from memtune.kernels._common import base_model
 
     base = base_model(model)
-    if cfg.offload_activations:
+    if cfg.offloads_checkpoints:
         from memtune.kernels import enable_offloaded_checkpointing
 
         enable_offloaded_checkpointing(model)
@@ -290,6 +295,23 @@ def enable_checkpointing(model: nn.Module, cfg: RunConfig, notes: list[str]) -> 
 
         enable_tiled_mlp(model, cfg.tiled_mlp_chunk)
     base.config.use_cache = False
+
+
+def _move_embeddings_to_host(model: nn.Module, notes: list[str]) -> None:
+    from memtune.kernels import enable_host_embeddings
+
+    reason = enable_host_embeddings(model)
+    if reason is None:
+        notes.append("embeddings_on_host: the input-embedding table is in host memory")
+    else:
+        notes.append(f"embeddings_on_host: kept on the device, {reason}")
+
+
+def _fuse_elementwise(model: nn.Module, notes: list[str]) -> None:
+    from memtune.kernels import enable_fused_elementwise
+
+    count = enable_fused_elementwise(model)
+    notes.append(f"fuse_elementwise: {count} RMSNorm/MLP modules compiled (the first steps compile)")
 
 
 def build_model(cfg: RunConfig) -> BuiltModel:
@@ -313,16 +335,25 @@ def build_model(cfg: RunConfig) -> BuiltModel:
     else:
         for param in model.parameters():
             param.requires_grad_(True)
+    if cfg.fuse_elementwise and device.type == "cuda":  # torch.compile needs a C++ toolchain on a CPU
+        _fuse_elementwise(model, notes)  # before tiling, which wraps the MLP's forward
     enable_checkpointing(model, cfg, notes)
+    if cfg.embeddings_on_host and device.type == "cuda":  # a CPU run has no other memory to move it to
+        _move_embeddings_to_host(model, notes)
     max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
     return BuiltModel(model, tokenizer, device, dtype, max_positions, notes)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) the way peft counts them: a 4-bit weight counts as two params per byte."""
+    from memtune.kernels import host_embedding_weight
+
+    host = host_embedding_weight(model)
+    host_params = host.numel() if host is not None else 0  # held outside the parameters, still the model's
     if hasattr(model, "get_nb_trainable_parameters"):
-        return model.get_nb_trainable_parameters()
-    total = sum(p.numel() for p in model.parameters())
+        trainable, total = model.get_nb_trainable_parameters()
+        return trainable, total + host_params
+    total = sum(p.numel() for p in model.parameters()) + host_params
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, total
 

@@ -5,6 +5,8 @@
     enable_offloaded_checkpointing(model) -> int     # disable_offloaded_checkpointing(model)
     enable_tiled_mlp(model, chunk_tokens) -> int     # disable_tiled_mlp(model)
     enable_compute_dtype_lora(model) -> int          # disable_compute_dtype_lora(model)
+    enable_fused_elementwise(model) -> int           # compiled RMSNorm and silu(gate) * up (CUDA)
+    enable_host_embeddings(model) -> str | None      # disable_host_embeddings(model); None = moved
 
     enable_frozen_int8_backward(model) -> int        # int8 linears keep no input for backward
 
@@ -12,6 +14,13 @@ All patches act on module instances, never on library classes.
 """
 
 from memtune.kernels.cross_entropy import chunked_linear_cross_entropy, effective_chunk_tokens
+from memtune.kernels.fused import disable_fused_elementwise, enable_fused_elementwise
+from memtune.kernels.host_embedding import (
+    disable_host_embeddings,
+    enable_host_embeddings,
+    host_embedding_weight,
+    host_embeddings_skip_reason,
+)
 from memtune.kernels.lora import disable_compute_dtype_lora, enable_compute_dtype_lora
 from memtune.kernels.int8_backward import enable_frozen_int8_backward
 from memtune.kernels.offload import (
@@ -33,4 +42,10 @@ __all__ = [
     "tiled_mlp_chunk",
     "enable_compute_dtype_lora",
     "disable_compute_dtype_lora",
+    "enable_fused_elementwise",
+    "disable_fused_elementwise",
+    "enable_host_embeddings",
+    "disable_host_embeddings",
+    "host_embedding_weight",
+    "host_embeddings_skip_reason",
 ]

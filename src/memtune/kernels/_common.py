@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any, Iterator
 
 import torch
@@ -100,3 +101,25 @@ def replay_autocast(state: list[tuple[str, bool, Any]]) -> Iterator[None]:
         for dev, enabled, dtype in state:
             stack.enter_context(torch.autocast(device_type=dev, dtype=dtype, enabled=enabled))
         yield
+
+
+_RECOMPUTE = threading.local()
+
+
+@contextlib.contextmanager
+def outputs_discarded() -> Iterator[None]:
+    """Mark a checkpoint recompute whose output values are never read, only its graph.
+
+    Kernels that recompute again in their own backward (the tiled MLP) can then
+    skip their forward inside it. Thread local: backward may run on another thread.
+    """
+    previous = getattr(_RECOMPUTE, "discarded", False)
+    _RECOMPUTE.discarded = True
+    try:
+        yield
+    finally:
+        _RECOMPUTE.discarded = previous
+
+
+def outputs_are_discarded() -> bool:
+    return getattr(_RECOMPUTE, "discarded", False)

@@ -35,8 +35,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from memtune.kernels._common import (RngState, autocast_state, decoder_layers, replay_autocast, restore_forward,
-                                     trainable_params)
+from memtune.kernels._common import (RngState, autocast_state, decoder_layers, outputs_discarded, replay_autocast,
+                                     restore_forward, trainable_params)
 
 __all__ = ["enable_offloaded_checkpointing", "disable_offloaded_checkpointing", "is_offloaded_checkpointing"]
 
@@ -161,7 +161,8 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         n_grad = ctx.n_grad_tensors
         x = hidden.detach().requires_grad_(needs[0])
         tensors = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs[1:1 + n_grad])]
-        with torch.enable_grad(), ctx.rng.replay(), replay_autocast(ctx.autocast):
+        # only the recomputed graph is used below, never `out`'s values (outputs_discarded)
+        with torch.enable_grad(), ctx.rng.replay(), replay_autocast(ctx.autocast), outputs_discarded():
             out = ctx.run(x, tensors)
         wanted = [t for t, need in zip([x, *tensors, *ctx.params], needs) if need]
         grads_iter = iter(())

@@ -12,6 +12,13 @@ tensor). The price is one more MLP forward per layer in backward (the MLP is
 about 2/3 of a layer's flops); under gradient checkpointing the MLP forward
 then runs three times: forward, checkpoint recompute, tiled backward.
 
+Under memtune's offloaded checkpointing the layer is recomputed in backward
+only for its graph: the layer's output values are never read. In decoder
+layers whose MLP output only enters the residual sum that the layer returns
+(`_OUTPUT_ONLY_IN_RESIDUAL`), the tiled MLP then skips its forward there and
+returns zeros of the right shape, since its own backward recomputes each
+chunk anyway: the MLP forward runs twice, as in an untiled checkpointed layer.
+
 Only the MLP input [tokens, hidden] is saved. The module instance gets its own
 `forward`. Without anything to differentiate (no grad mode, as in eval or the
 first pass of a checkpointed layer) the chunks run without the autograd
@@ -26,8 +33,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from memtune.kernels._common import (RngState, autocast_state, decoder_layers, replay_autocast, restore_forward,
-                                     trainable_params)
+from memtune.kernels._common import (RngState, autocast_state, decoder_layers, outputs_are_discarded, replay_autocast,
+                                     restore_forward, trainable_params)
 
 __all__ = ["enable_tiled_mlp", "disable_tiled_mlp", "tiled_mlp_chunk"]
 
@@ -48,20 +55,28 @@ def _chunked_forward(run: Callable, chunk: int, x: torch.Tensor) -> torch.Tensor
     return out
 
 
+# Decoder layers that end in `residual + mlp(norm(h))` and return that sum: nothing
+# but the discarded layer output depends on the MLP output's values.
+_OUTPUT_ONLY_IN_RESIDUAL = frozenset({"LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer",
+                                      "MistralDecoderLayer"})
+
+
 class _TiledMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run: Callable, chunk: int, x: torch.Tensor, *params: torch.Tensor):
+    def forward(ctx, run: Callable, chunk: int, skip_width: int, x: torch.Tensor, *params: torch.Tensor):
         ctx.run, ctx.chunk, ctx.params = run, chunk, params
         ctx.rng = RngState(x.device)
         ctx.autocast = autocast_state(x.device.type)
         ctx.save_for_backward(x)
+        if skip_width and outputs_are_discarded():
+            return x.new_zeros(*x.shape[:-1], skip_width)
         return _chunked_forward(run, chunk, x)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (x,) = ctx.saved_tensors
-        need_x = ctx.needs_input_grad[2]
-        need_p = ctx.needs_input_grad[3:]
+        need_x = ctx.needs_input_grad[3]
+        need_p = ctx.needs_input_grad[4:]
         params = [p for p, need in zip(ctx.params, need_p) if need]
         grad_x = torch.empty_like(x) if need_x else None
         grad_p: list[torch.Tensor | None] = [None] * len(params)
@@ -87,10 +102,10 @@ class _TiledMLP(torch.autograd.Function):
                 del y
                 start += n
         it = iter(grad_p)
-        return (None, None, grad_x, *[next(it) if need else None for need in need_p])
+        return (None, None, None, grad_x, *[next(it) if need else None for need in need_p])
 
 
-def _make_forward(mlp: nn.Module, original: Callable, chunk: int) -> Callable:
+def _make_forward(mlp: nn.Module, original: Callable, chunk: int, skip_width: int) -> Callable:
     def forward(x: torch.Tensor, *args, **kwargs):
         if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[-2] <= chunk:
             return original(x, *args, **kwargs)  # one chunk: tiling would only add a recompute
@@ -100,7 +115,7 @@ def _make_forward(mlp: nn.Module, original: Callable, chunk: int) -> Callable:
             # nothing to differentiate (eval, or the no-grad first pass of a checkpointed layer):
             # still chunked, so the [tokens, intermediate] tensors never exist whole
             return _chunked_forward(run, chunk, x)
-        return _TiledMLP.apply(run, chunk, x, *params)
+        return _TiledMLP.apply(run, chunk, skip_width, x, *params)
 
     return forward
 
@@ -111,6 +126,13 @@ def _mlp_of(layer: nn.Module) -> nn.Module | None:
     if mlp is not None and hasattr(mlp, "down_proj") and not hasattr(mlp, "experts"):
         return mlp
     return None
+
+
+def _skippable_width(layer: nn.Module, mlp: nn.Module) -> int:
+    """The MLP's output width when its forward may be skipped in a discarded recompute, else 0."""
+    if type(layer).__name__ not in _OUTPUT_ONLY_IN_RESIDUAL:
+        return 0
+    return int(getattr(mlp.down_proj, "out_features", 0) or 0)
 
 
 def enable_tiled_mlp(model: nn.Module, chunk_tokens: int) -> int:
@@ -131,7 +153,7 @@ def enable_tiled_mlp(model: nn.Module, chunk_tokens: int) -> int:
             info = {"had_own_forward": "forward" in mlp.__dict__, "original": mlp.forward}
             setattr(mlp, _ATTR, info)
         info["chunk"] = int(chunk_tokens)
-        mlp.forward = _make_forward(mlp, info["original"], int(chunk_tokens))
+        mlp.forward = _make_forward(mlp, info["original"], int(chunk_tokens), _skippable_width(layer, mlp))
         count += 1
     return count
 

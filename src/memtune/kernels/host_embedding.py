@@ -1,0 +1,95 @@
+"""Keep a frozen input-embedding table in host memory and look tokens up there.
+
+The embedding table is the largest frozen tensor a QLoRA run keeps in 16 bits:
+vocab x hidden x 2 bytes, 0.47 GB for the 1.5B shape (151,936 x 1536) and
+1.05 GB for Llama-3.1-8B (128,256 x 4096), as much as a quarter of the
+weights a 4-bit model holds on the GPU. A lookup reads only the rows of the
+batch's tokens, so it is cheap on the CPU: the token ids come to the host,
+the rows are gathered there into pinned memory, and [tokens, hidden] (50 MB
+for 16k tokens) is copied back. The GPU never holds the table.
+
+Only a frozen table that is not tied to the lm_head moves: a tied one is
+needed on the GPU by the output projection anyway. The weight is kept as a
+plain attribute, not a parameter: transformers takes a model's device from
+its first parameter, and that must stay the GPU for `generate` and friends.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memtune.kernels._common import base_model, restore_forward
+
+__all__ = ["enable_host_embeddings", "host_embedding_weight", "host_embeddings_skip_reason"]
+
+_ATTR = "_memtune_host_embedding"
+
+
+def host_embeddings_skip_reason(model: nn.Module) -> str | None:
+    """Why the input embeddings of `model` cannot live in host memory, or None when they can."""
+    root = base_model(model)
+    embed = root.get_input_embeddings()
+    if type(embed) is not nn.Embedding:
+        return f"input embeddings are {type(embed).__name__}, not a plain nn.Embedding"
+    if embed.weight.requires_grad:
+        return "the input embeddings train"
+    head = root.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is not None \
+            and head.weight.data_ptr() == embed.weight.data_ptr():
+        return "the input embeddings are tied to the lm_head, which needs them on the GPU"
+    if embed.weight.device.type != "cuda":
+        return "the model is not on a CUDA GPU"
+    return None
+
+
+def _make_forward(module: nn.Embedding, weight: torch.Tensor) -> Any:
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids.to("cpu"), weight, module.padding_idx)
+        # pinned, so the copy back runs as a real asynchronous DMA
+        return rows.pin_memory().to(ids.device, non_blocking=True)
+
+    return forward
+
+
+def enable_host_embeddings(model: nn.Module) -> str | None:
+    """Move `model`'s frozen input embeddings to pinned host memory; returns the skip reason or None.
+
+    Idempotent. The table keeps its dtype; the module's `weight` becomes the host tensor.
+    """
+    root = base_model(model)
+    embed = root.get_input_embeddings()
+    if embed.__dict__.get(_ATTR) is not None:
+        return None
+    reason = host_embeddings_skip_reason(model)
+    if reason is not None:
+        return reason
+    host = embed.weight.detach().to("cpu").pin_memory()
+    device = embed.weight.device
+    del embed._parameters["weight"]
+    embed.weight = host  # a plain attribute: not a parameter, not in state_dict, not moved by .to()
+    setattr(embed, _ATTR, {"had_own_forward": "forward" in embed.__dict__, "original": embed.forward,
+                           "device": device})
+    embed.forward = _make_forward(embed, host)
+    return None
+
+
+def host_embedding_weight(model: nn.Module) -> torch.Tensor | None:
+    """The host-held embedding table, or None when the embeddings are on the device."""
+    embed = base_model(model).get_input_embeddings()
+    return embed.weight if embed.__dict__.get(_ATTR) is not None else None
+
+
+def disable_host_embeddings(model: nn.Module) -> bool:
+    """Put the table back on its device as a frozen parameter; True when something was undone."""
+    embed = base_model(model).get_input_embeddings()
+    state = embed.__dict__.get(_ATTR)
+    if state is None:
+        return False
+    host = embed.__dict__.pop("weight")
+    restore_forward(embed, _ATTR)
+    embed.weight = nn.Parameter(host.to(state["device"]), requires_grad=False)
+    return True
