@@ -858,7 +858,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.search_max = args.search_max or top
     args.search_granularity = args.search_granularity or step
     if args.gpu_memory:
-        parse_size(args.gpu_memory)
+        try:
+            parse_size(args.gpu_memory)
+        except argparse.ArgumentTypeError as exc:
+            p.error(f"--gpu-memory: {exc}")
     args.variants = {}
     for item in args.variant:
         name, sep, flags = item.partition("=")

@@ -440,6 +440,31 @@ def test_compare_plumbing_on_tiny_cpu_model(tmp_path):
     assert out.with_suffix(".md").is_file() and out.with_suffix(".png").is_file()
 
 
+def test_compare_gradient_check_pieces():
+    compare = _compare_module()
+    assert compare.lora_key("base_model.model.model.layers.3.self_attn.q_proj.lora_A.default.weight") == "3.q_proj.A"
+    assert compare.lora_key("base_model.model.model.layers.12.mlp.down_proj.lora_B.default.weight") == "12.down_proj.B"
+    assert compare.lora_key("base_model.model.model.embed_tokens.weight") is None
+    # the same seeded LoRA weights in two differently initialised models
+    a, b = _tiny_lora_model(torch.float32), _tiny_lora_model(torch.float32)
+    with torch.no_grad():
+        for p in b.parameters():
+            if p.requires_grad:
+                p.mul_(3)
+    assert compare.set_common_lora_weights(a) == compare.set_common_lora_weights(b) == 20
+    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
+        if pa.requires_grad:
+            assert torch.equal(pa, pb), na
+            assert pa.abs().sum() > 0  # B is not zero: A gets a gradient too
+    ref = {"0.q_proj.A": torch.ones(4), "0.q_proj.B": torch.ones(4)}
+    off = {"0.q_proj.A": torch.ones(4) * 1.1, "0.q_proj.B": torch.ones(4)}
+    errors = compare.gradient_errors(off, ref)
+    assert errors["grad_rel_error"] == pytest.approx(0.1 / 2 ** 0.5, rel=1e-5)
+    assert errors["grad_worst_tensor_rel_error"] == pytest.approx(0.1, rel=1e-5)
+    with pytest.raises(ValueError, match="LoRA tensors differ"):
+        compare.gradient_errors({"0.q_proj.A": torch.ones(4)}, ref)
+
+
 # --------------------------------------------------------------------------- LoRA in the compute dtype
 
 
@@ -517,3 +542,34 @@ def test_fused_elementwise_math_matches_transformers(dtype):
     _assert_same(_step(fused, ids, labels), plain, dtype)
     disable_tiled_mlp(fused)
     assert disable_fused_elementwise(fused) == 7
+
+
+def test_host_embeddings_match_and_train(dtype):
+    from memtune.kernels import (disable_host_embeddings, enable_host_embeddings, host_embedding_weight,
+                                 host_embeddings_skip_reason)
+    from memtune.models import count_parameters
+
+    base = _tiny_lora_model(dtype)
+    ids, labels = _batch()
+    plain = _step(base, ids, labels)
+    moved = copy.deepcopy(base)
+    assert host_embeddings_skip_reason(moved) == "the model is not on a CUDA GPU"
+    counts = count_parameters(moved)
+    assert enable_host_embeddings(moved, require_cuda=False) is None
+    assert enable_host_embeddings(moved, require_cuda=False) is None  # idempotent
+    table = host_embedding_weight(moved)
+    assert table is not None and not isinstance(table, torch.nn.Parameter)
+    assert all("embed_tokens" not in n for n, _ in moved.named_parameters())  # not a parameter any more
+    assert count_parameters(moved) == counts  # still counted as the model's
+    enable_offloaded_checkpointing(moved)
+    _assert_same(_step(moved, ids, labels), plain, dtype)  # LoRA of the first layer still trains
+    assert disable_host_embeddings(moved) and host_embedding_weight(moved) is None
+
+
+def test_host_embeddings_refuse_a_tied_table():
+    from memtune.kernels import enable_host_embeddings
+
+    model = _tiny_lora_model(torch.float32)
+    base = model.get_base_model()
+    base.lm_head.weight = base.model.embed_tokens.weight
+    assert "tied" in enable_host_embeddings(model, require_cuda=False)

@@ -29,7 +29,7 @@ __all__ = ["enable_host_embeddings", "host_embedding_weight", "host_embeddings_s
 _ATTR = "_memtune_host_embedding"
 
 
-def host_embeddings_skip_reason(model: nn.Module) -> str | None:
+def host_embeddings_skip_reason(model: nn.Module, require_cuda: bool = True) -> str | None:
     """Why the input embeddings of `model` cannot live in host memory, or None when they can."""
     root = base_model(model)
     embed = root.get_input_embeddings()
@@ -41,7 +41,7 @@ def host_embeddings_skip_reason(model: nn.Module) -> str | None:
     if head is not None and getattr(head, "weight", None) is not None \
             and head.weight.data_ptr() == embed.weight.data_ptr():
         return "the input embeddings are tied to the lm_head, which needs them on the GPU"
-    if embed.weight.device.type != "cuda":
+    if require_cuda and embed.weight.device.type != "cuda":
         return "the model is not on a CUDA GPU"
     return None
 
@@ -49,25 +49,30 @@ def host_embeddings_skip_reason(model: nn.Module) -> str | None:
 def _make_forward(module: nn.Embedding, weight: torch.Tensor) -> Any:
     def forward(ids: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(ids.to("cpu"), weight, module.padding_idx)
+        if ids.device.type != "cuda":
+            return rows
         # pinned, so the copy back runs as a real asynchronous DMA
         return rows.pin_memory().to(ids.device, non_blocking=True)
 
     return forward
 
 
-def enable_host_embeddings(model: nn.Module) -> str | None:
+def enable_host_embeddings(model: nn.Module, require_cuda: bool = True) -> str | None:
     """Move `model`'s frozen input embeddings to pinned host memory; returns the skip reason or None.
 
     Idempotent. The table keeps its dtype; the module's `weight` becomes the host tensor.
+    require_cuda=False also moves a CPU model's table (the same code path, for testing).
     """
     root = base_model(model)
     embed = root.get_input_embeddings()
     if embed.__dict__.get(_ATTR) is not None:
         return None
-    reason = host_embeddings_skip_reason(model)
+    reason = host_embeddings_skip_reason(model, require_cuda)
     if reason is not None:
         return reason
-    host = embed.weight.detach().to("cpu").pin_memory()
+    host = embed.weight.detach().to("cpu")
+    if torch.cuda.is_available():
+        host = host.pin_memory()
     device = embed.weight.device
     del embed._parameters["weight"]
     embed.weight = host  # a plain attribute: not a parameter, not in state_dict, not moved by .to()
