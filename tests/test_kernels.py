@@ -563,6 +563,16 @@ def test_host_embeddings_match_and_train(dtype):
     assert count_parameters(moved) == counts  # still counted as the model's
     enable_offloaded_checkpointing(moved)
     _assert_same(_step(moved, ids, labels), plain, dtype)  # LoRA of the first layer still trains
+    # the training step's path: rows looked up from the host copy of the ids, passed as inputs_embeds
+    from memtune.config import RunConfig
+    from memtune.kernels import lookup_on_host
+    from memtune.train import forward_loss
+
+    assert torch.equal(lookup_on_host(moved, ids, ids.device), table[ids])
+    assert lookup_on_host(base, ids, ids.device) is None
+    cfg = RunConfig(loss="full")
+    torch.testing.assert_close(forward_loss(moved, {"input_ids": ids, "labels": labels}, cfg, host_ids=ids),
+                               forward_loss(base, {"input_ids": ids, "labels": labels}, cfg), **TOL[dtype])
     assert disable_host_embeddings(moved) and host_embedding_weight(moved) is None
 
 

@@ -87,14 +87,19 @@ def setup(cfg: RunConfig, log: Callable[[str], None]) -> Session:
 
 # --- the step ------------------------------------------------------------------
 
-def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: RunConfig) -> torch.Tensor:
+def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: RunConfig,
+                 host_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token loss over the unmasked labels.
 
     `chunked` runs the decoder, then the lm_head and cross-entropy a chunk of
     tokens at a time, so the [tokens, vocab] logits (10 GB in fp32 for 16k
-    tokens and a 152k vocabulary) never exist.
+    tokens and a 152k vocabulary) never exist. `host_ids`: the batch's token
+    ids still on the host, for an embedding table kept there (no wait for the GPU).
     """
-    inputs = {"input_ids": batch["input_ids"]}
+    from memtune.kernels import lookup_on_host
+
+    embeds = lookup_on_host(model, host_ids, batch["input_ids"].device) if host_ids is not None else None
+    inputs = {"input_ids": batch["input_ids"]} if embeds is None else {"inputs_embeds": embeds}
     if "position_ids" in batch:
         inputs["position_ids"] = batch["position_ids"]
     lm = base_model(model)
@@ -117,8 +122,9 @@ def train_step(session: Session, batches) -> float:
     cfg, model = session.cfg, session.built.model
     total = torch.zeros((), device=session.built.device)
     for _ in range(cfg.grad_accum):
-        batch = {k: v.to(session.built.device, non_blocking=True) for k, v in next(batches).items()}
-        loss = forward_loss(model, batch, cfg) / cfg.grad_accum
+        host_batch = next(batches)
+        batch = {k: v.to(session.built.device, non_blocking=True) for k, v in host_batch.items()}
+        loss = forward_loss(model, batch, cfg, host_ids=host_batch["input_ids"]) / cfg.grad_accum
         (session.scaler.scale(loss) if session.scaler else loss).backward()
         total += loss.detach()
     if session.scaler:

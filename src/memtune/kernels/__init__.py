@@ -20,6 +20,7 @@ from memtune.kernels.host_embedding import (
     enable_host_embeddings,
     host_embedding_weight,
     host_embeddings_skip_reason,
+    lookup_on_host,
 )
 from memtune.kernels.lora import disable_compute_dtype_lora, enable_compute_dtype_lora
 from memtune.kernels.int8_backward import enable_frozen_int8_backward
@@ -48,4 +49,5 @@ __all__ = [
     "disable_host_embeddings",
     "host_embedding_weight",
     "host_embeddings_skip_reason",
+    "lookup_on_host",
 ]

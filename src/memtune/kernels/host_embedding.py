@@ -24,7 +24,7 @@ from torch import nn
 
 from memtune.kernels._common import base_model, restore_forward
 
-__all__ = ["enable_host_embeddings", "host_embedding_weight", "host_embeddings_skip_reason"]
+__all__ = ["enable_host_embeddings", "host_embedding_weight", "host_embeddings_skip_reason", "lookup_on_host"]
 
 _ATTR = "_memtune_host_embedding"
 
@@ -80,6 +80,26 @@ def enable_host_embeddings(model: nn.Module, require_cuda: bool = True) -> str |
                            "device": device})
     embed.forward = _make_forward(embed, host)
     return None
+
+
+def lookup_on_host(model: nn.Module, ids: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """The embeddings of token ids that are still on the host, sent to `device`; None when the table is not on the host.
+
+    The module's own forward gets ids already on the GPU and must bring them back
+    first, which waits for the GPU to finish everything queued before. Here the
+    rows are gathered straight into pinned memory from ids the data loader has
+    on the host anyway, and the copy is queued without waiting.
+    """
+    embed = base_model(model).get_input_embeddings()
+    if embed.__dict__.get(_ATTR) is None:
+        return None
+    weight = embed.weight
+    ids = ids.to("cpu")
+    if device.type != "cuda":
+        return F.embedding(ids, weight, embed.padding_idx)
+    rows = torch.empty((ids.numel(), weight.shape[1]), dtype=weight.dtype, pin_memory=True)
+    torch.index_select(weight, 0, ids.reshape(-1), out=rows)
+    return rows.view(*ids.shape, weight.shape[1]).to(device, non_blocking=True)
 
 
 def host_embedding_weight(model: nn.Module) -> torch.Tensor | None:
