@@ -47,7 +47,8 @@ def _grads(fn, tensors):
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("n_tokens,chunk", [(37, 8), (64, 64), (50, 1000), (9, 1)])
 @pytest.mark.parametrize("mask", ["strided", "prompt", "none"])
-def test_chunked_ce_matches_full_logits(dtype, with_bias, n_tokens, chunk, mask):
+@pytest.mark.parametrize("fused", [False, "eager"], ids=["plain", "fused-math"])
+def test_chunked_ce_matches_full_logits(dtype, with_bias, n_tokens, chunk, mask, fused):
     torch.manual_seed(0)
     hidden_size, vocab = 24, 61
     hidden = torch.randn(n_tokens, hidden_size, dtype=dtype, requires_grad=True)
@@ -60,7 +61,8 @@ def test_chunked_ce_matches_full_logits(dtype, with_bias, n_tokens, chunk, mask)
         labels[: n_tokens // 3] = -100
         labels[-1] = -100
     tensors = [t for t in (hidden, weight, bias) if t is not None]
-    loss, grads = _grads(lambda: chunked_linear_cross_entropy(hidden, weight, labels, bias, chunk_tokens=chunk), tensors)
+    loss, grads = _grads(lambda: chunked_linear_cross_entropy(hidden, weight, labels, bias, chunk_tokens=chunk,
+                                                              fused=fused), tensors)
     ref, ref_grads = _grads(lambda: _reference(hidden, weight, labels, bias), tensors)
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, ref.float(), **TOL[dtype])

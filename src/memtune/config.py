@@ -92,6 +92,10 @@ class RunConfig:
     # 512 tokens x a 152k vocabulary = 0.47 GB of chunk logits at the peak;
     # the lm_head matmuls stay compute bound down to about that size.
     loss_chunk_tokens: int = 512
+    # Compute each loss chunk's softmax and gradient as one compiled kernel
+    # (torch.compile): no fp32 [chunk, vocab] copy, two reads of the logits
+    # instead of about ten passes. CUDA GPUs only. Off until measured on a GPU.
+    fuse_loss: bool = False
 
     # --- training ----------------------------------------------------------
     seq_len: int = 16384  # capped to what the data and the model allow

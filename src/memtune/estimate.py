@@ -574,20 +574,23 @@ def int8_matmul_workspace_bytes(shape: ModelShape, cfg: RunConfig, tokens: int) 
     return _round(tokens * widest * 4)
 
 
-def chunked_loss_bytes(shape: ModelShape, tokens: int, cfg: RunConfig, dtype_bytes: int) -> dict[str, int]:
+def chunked_loss_bytes(shape: ModelShape, tokens: int, cfg: RunConfig, dtype_bytes: int,
+                       device: str = "cuda") -> dict[str, int]:
     """memtune.kernels.chunked_linear_cross_entropy (gradients computed in the forward):
 
     grad_hidden kept for backward      tokens x hidden x dtype
     one chunk of C tokens at its peak: fp32 logits (4 C V) + a dtype copy (2 C V)   = 6 C V
+        (fuse_loss on CUDA: the dtype logits and their dtype gradient, 4 C V)
         C = min(loss_chunk_tokens, tokens, 1 GiB / (4 V) rounded down to 64)
     """
     cap = LOSS_CHUNK_MAX_BYTES // (4 * shape.vocab)
     cap = cap - cap % 64 if cap >= 64 else max(cap, 1)
     chunk = min(cfg.loss_chunk_tokens, cap, tokens)
-    return {
-        "grad_hidden": _round(tokens * shape.hidden * dtype_bytes),
-        "chunk": _round(chunk * shape.vocab * 4) + _round(chunk * shape.vocab * dtype_bytes),
-    }
+    if cfg.fuse_loss and device == "cuda":  # compiled chunk: logits and their gradient in the dtype, no fp32 copy
+        chunk_bytes = 2 * _round(chunk * shape.vocab * dtype_bytes)
+    else:
+        chunk_bytes = _round(chunk * shape.vocab * 4) + _round(chunk * shape.vocab * dtype_bytes)
+    return {"grad_hidden": _round(tokens * shape.hidden * dtype_bytes), "chunk": chunk_bytes}
 
 
 def full_loss_bytes(shape: ModelShape, tokens: int, dtype_bytes: int) -> int:
@@ -723,7 +726,7 @@ def _activation_phases(shape: ModelShape, cfg: RunConfig, c: int, seq: int, toke
 
     lm_tokens = cfg.batch_size * max(seq - 1, 1)
     if cfg.loss == "chunked":
-        loss = chunked_loss_bytes(shape, lm_tokens, cfg, c)
+        loss = chunked_loss_bytes(shape, lm_tokens, cfg, c, device)
         loss_peak = loss["grad_hidden"] + loss["chunk"]
         loss_after = loss["grad_hidden"] * 2  # backward scales grad_hidden into a new tensor
         if cfg.batch_size > 1:

@@ -114,7 +114,8 @@ def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: RunConfi
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     labels = batch["labels"][:, 1:].reshape(-1)
     return chunked_linear_cross_entropy(hidden, head.weight, labels, bias=head.bias,
-                                        chunk_tokens=cfg.loss_chunk_tokens)
+                                        chunk_tokens=cfg.loss_chunk_tokens,
+                                        fused=cfg.fuse_loss and hidden.device.type == "cuda")
 
 
 def train_step(session: Session, batches) -> float:

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["chunked_linear_cross_entropy", "effective_chunk_tokens"]
+__all__ = ["chunked_linear_cross_entropy", "effective_chunk_tokens", "chunk_loss_and_grad"]
 
 _DEFAULT_MAX_CHUNK_BYTES = 1 << 30  # fp32 chunk logits at most 1 GiB
 
@@ -64,9 +64,35 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return hidden.dtype
 
 
+def chunk_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor,
+                        inv_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk's summed loss and d(mean loss)/d logits, in the logits' dtype, as one function.
+
+    Compiled (`fused=True` below), it becomes a reduction kernel and one pointwise
+    kernel that read the [C, V] logits twice and write the gradient once; the
+    fp32 [C, V] copy of the plain path never exists. `inv_n` is a 0-dim tensor
+    so that a new token count does not recompile.
+    """
+    z = logits.float()
+    lse = torch.logsumexp(z, dim=1)
+    target = z.gather(1, labels[:, None]).squeeze(1)
+    onehot = torch.arange(z.shape[1], device=z.device)[None, :] == labels[:, None]
+    grad = (torch.exp(z - lse[:, None]) - onehot.to(z.dtype)) * inv_n
+    return (lse - target).sum(), grad.to(logits.dtype)
+
+
+_COMPILED_CHUNK: list = []
+
+
+def _fused_chunk_fn():
+    if not _COMPILED_CHUNK:
+        _COMPILED_CHUNK.append(torch.compile(chunk_loss_and_grad, dynamic=True))
+    return _COMPILED_CHUNK[0]
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_tokens, ignore_index, compute_dtype):
+    def forward(ctx, hidden, weight, bias, labels, chunk_tokens, ignore_index, compute_dtype, fused):
         n_tokens, _ = hidden.shape
         vocab = weight.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -105,6 +131,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
                 # logits in the compute dtype: C x V x 2 B (bf16)
                 logits = torch.addmm(b, h, w.t()) if b is not None else h @ w.t()
+                if fused is not None:
+                    chunk_sum, g = fused(logits, y, torch.tensor(inv_n, device=logits.device))
+                    loss_sum += chunk_sum
+                    del logits
+                    if need_b:
+                        grad_bias += g.float().sum(dim=0)
+                    _accumulate_grads(g, h, w, grad_hidden, grad_weight, valid_idx, first, start, contiguous,
+                                      need_h, need_w)
+                    del g
+                    continue
                 # fp32 from here on, in place: C x V x 4 B (for fp32 inputs .float() is the same tensor)
                 z = logits.float()
                 del logits
@@ -123,14 +159,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     if need_b:
                         grad_bias += z.sum(dim=0)
                     del z
-                    if need_h:
-                        gh = g @ w                         # [C, H]
-                        if contiguous:
-                            grad_hidden[first + start:first + start + gh.shape[0]] = gh
-                        else:
-                            grad_hidden.index_copy_(0, valid_idx[start:start + gh.shape[0]], gh.to(grad_hidden.dtype))
-                    if need_w:
-                        grad_weight.add_(g.t() @ h)        # [V, H] in the compute dtype, accumulated in fp32
+                    _accumulate_grads(g, h, w, grad_hidden, grad_weight, valid_idx, first, start, contiguous,
+                                      need_h, need_w)
                     del g
                 else:
                     del z
@@ -151,7 +181,19 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             gw = (grad_weight * grad_output).to(ctx.weight_dtype)
         if grad_bias is not None:
             gb = (grad_bias * grad_output).to(ctx.bias_dtype)
-        return gh, gw, gb, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None
+
+
+def _accumulate_grads(g, h, w, grad_hidden, grad_weight, valid_idx, first, start, contiguous, need_h, need_w):
+    """grad_hidden rows of this chunk = g @ w; grad_weight += g^T @ h (accumulated in fp32)."""
+    if need_h:
+        gh = g @ w  # [C, H]
+        if contiguous:
+            grad_hidden[first + start:first + start + gh.shape[0]] = gh
+        else:
+            grad_hidden.index_copy_(0, valid_idx[start:start + gh.shape[0]], gh.to(grad_hidden.dtype))
+    if need_w:
+        grad_weight.add_(g.t() @ h)  # [V, H] in the compute dtype
 
 
 def chunked_linear_cross_entropy(
@@ -163,6 +205,7 @@ def chunked_linear_cross_entropy(
     ignore_index: int = -100,
     *,
     max_chunk_bytes: int | None = _DEFAULT_MAX_CHUNK_BYTES,
+    fused: bool | str = False,
 ) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T + bias` against `labels`, without the full logits.
 
@@ -172,7 +215,10 @@ def chunked_linear_cross_entropy(
     `ignore_index`; 0 (with zero gradients) when there is none. Logits are
     computed in the input dtype (the autocast dtype under autocast), softmax
     and log-sum-exp in fp32. The chunk is `chunk_tokens`, capped so the fp32
-    chunk logits stay within `max_chunk_bytes` (None: no cap).
+    chunk logits stay within `max_chunk_bytes` (None: no cap). fused=True runs
+    each chunk's softmax and gradient as one compiled function
+    (`chunk_loss_and_grad`, torch.compile); fused="eager" runs the same
+    function uncompiled (for testing it anywhere).
     """
     if hidden.shape[-1] != weight.shape[-1]:
         raise ValueError(f"hidden size {hidden.shape[-1]} does not match weight {tuple(weight.shape)}")
@@ -185,4 +231,5 @@ def chunked_linear_cross_entropy(
     chunk = effective_chunk_tokens(chunk_tokens, weight.shape[0], max_chunk_bytes)
     compute_dtype = _compute_dtype(hidden, weight)
     with torch.autocast(device_type=hidden.device.type, enabled=False):
-        return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk, ignore_index, compute_dtype)
+        fn = None if not fused else (chunk_loss_and_grad if fused == "eager" else _fused_chunk_fn())
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk, ignore_index, compute_dtype, fn)
