@@ -67,9 +67,10 @@ def _make_forward(module: nn.Module, original: Callable) -> Callable:
         result = module.base_layer(x, *args, **kwargs)
         dtype = x.dtype
         a = module.lora_A[name].weight.to(dtype)
-        b = module.lora_B[name].weight.to(dtype)
+        # the scaling goes into the (r-wide) B weight, not over the [tokens, out] product
+        b = (module.lora_B[name].weight * module.scaling[name]).to(dtype)
         delta = F.linear(F.linear(module.lora_dropout[name](x), a), b)
-        return result + delta.to(result.dtype) * module.scaling[name]
+        return result + delta.to(result.dtype)
 
     return forward
 
