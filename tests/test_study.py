@@ -51,7 +51,8 @@ def test_builtin_seed_expands_and_dedups_across_experiments():
     assert len(shared) == 1 and shared[0].config.seq_len == 16384 and shared[0].config.lora_rank == 8
     assert len(plan.entries) > len(plan.runs)
     for run in plan.runs:
-        memory = any(e in ("seq_len", "lora_rank", "quantization", "checkpointing") for e in run.experiments)
+        memory = any(e in ("seq_len", "lora_rank", "quantization", "checkpointing", "memtune_defaults")
+                     for e in run.experiments)
         if memory:
             assert run.config.data == "random" and run.config.eval is False
         else:
@@ -60,6 +61,12 @@ def test_builtin_seed_expands_and_dedups_across_experiments():
     assert seq == [1024, 4096, 16384]
     quant = {r.config.quantization for r in plan.runs if "quantization" in r.experiments}
     assert quant == {"nf4", "int8", "none"}
+    # the seed's experiments run the seed's stack; memtune's own techniques have their own table
+    seed_runs = [r for r in plan.runs if "memtune_defaults" not in r.experiments]
+    assert not any(r.config.offload_activations or r.config.tiled_mlp_chunk for r in seed_runs)
+    ours = [r.config for r in plan.runs if "memtune_defaults" in r.experiments]
+    assert len(ours) == 2 and all(c.offloads_checkpoints or not c.gradient_checkpointing for c in ours)
+    assert {c.gradient_checkpointing for c in ours} == {True, False}
 
 
 def test_seed_full_extends_seed_with_wider_axes():
@@ -172,7 +179,7 @@ def test_dry_run_validates_and_runs_nothing(tmp_path, capsys):
     assert main(["study", "seed", "--model", "tiny", "--dry-run", "--scale", "cpu",
                  "--out", str(tmp_path / "o")]) == 0
     out = capsys.readouterr().out
-    assert "cpu scale:" in out and "[1/14]" in out and "nothing run" in out
+    assert "cpu scale:" in out and "[1/16]" in out and "nothing run" in out
     assert not (tmp_path / "o").exists()
 
 
