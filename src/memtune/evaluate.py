@@ -116,7 +116,7 @@ def generate_batch(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
     return tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
 
 
-def evaluate_accuracy(model, tokenizer, examples: Sequence[Any], cfg) -> EvalResult:
+def evaluate_accuracy(model, tokenizer, examples: Sequence[Any], cfg, progress: bool = True) -> EvalResult:
     """Exact-match accuracy of greedy answers to `examples` (each with prompt, reference)."""
     from tqdm.auto import tqdm
 
@@ -132,7 +132,7 @@ def evaluate_accuracy(model, tokenizer, examples: Sequence[Any], cfg) -> EvalRes
     try:
         batch_size = cfg.eval_batch_size
         starts = range(0, len(examples), batch_size)
-        for start in tqdm(starts, desc="eval", unit="batch", leave=False):
+        for start in tqdm(starts, desc="eval", unit="batch", leave=False, disable=not progress):
             batch = examples[start:start + batch_size]
             prompts = [_field(e, "prompt") for e in batch]
             texts = generate_batch(model, tokenizer, prompts, cfg.max_new_tokens)

@@ -147,12 +147,13 @@ def tokens_per_step(batches_cfg: RunConfig, seq_len: int) -> int:
 
 # --- the whole run -------------------------------------------------------------
 
-def evaluate(session: Session, label: str, log: Callable[[str], None]) -> Any:
+def evaluate(session: Session, label: str, log: Callable[[str], None], progress: bool = True) -> Any:
     if not session.cfg.eval or not session.bundle.eval:
         return None
     from memtune.evaluate import evaluate_accuracy
 
-    result = evaluate_accuracy(session.built.model, session.built.tokenizer, session.bundle.eval, session.cfg)
+    result = evaluate_accuracy(session.built.model, session.built.tokenizer, session.bundle.eval, session.cfg,
+                               progress=progress)
     log(f"accuracy {label}: {result.accuracy:.3f} ({result.correct}/{result.total})")
     return result
 
@@ -203,11 +204,11 @@ def run(cfg: RunConfig, out_dir: Path, log: Callable[[str], None] = print, progr
                    trainable_percent=100 * trainable / total, seq_len=session.bundle.seq_len,
                    compute_dtype=str(session.built.compute_dtype).replace("torch.", ""))
 
-    before = evaluate(session, "before", log)
+    before = evaluate(session, "before", log, progress)
     measure.reset_peak(session.built.device)
     losses, timer, grads_bytes = train_loop(session, progress)
     peaks = measure.peak_memory(session.built.device)
-    after = evaluate(session, "after", log)
+    after = evaluate(session, "after", log, progress)
 
     metrics.update(peaks)
     peak = peaks.get("peak_allocated_bytes", peaks["peak_rss_bytes"])

@@ -18,7 +18,7 @@ EXIT_OOM = 3
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_flags(parser)
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (training and evaluation)")
 
 
 def default_out_dir(cfg: RunConfig) -> Path:
