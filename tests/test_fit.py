@@ -64,3 +64,21 @@ def test_fit_verb(capsys):
     err = capsys.readouterr().err
     assert "no configuration fits" in err and "closest" in err and "over the budget" in err
     assert main(["fit", "--model", PRESET]) == 2  # no budget given
+
+
+def test_host_memory_is_shown_and_can_be_a_limit(capsys):
+    from memtune.cli import main
+
+    free = fit_configurations(RunConfig(model=PRESET), 24 * GIB)
+    offloaded = [c for c in free.fits if c.cfg.offloads_checkpoints]
+    assert offloaded and all(c.host_bytes > 0 for c in offloaded)
+    # offloaded checkpoints: layers x tokens x hidden x 2 bytes, plus the host-held embedding table
+    longest = max(offloaded, key=lambda c: c.estimate.seq_len)
+    assert longest.estimate.host_bytes["offloaded_checkpoints"] >= 28 * longest.estimate.seq_len * 1536 * 2
+    limited = fit_configurations(RunConfig(model=PRESET), 24 * GIB, host_budget_bytes=2 * GIB)
+    assert limited.fits and all(c.host_bytes <= 2 * GIB for c in limited.fits)
+    assert len(limited.fits) < len(free.fits)
+    assert main(["fit", "--model", PRESET, "--gpu-memory", "24GiB", "--host-memory", "2GiB", "--top", "3"]) == 0
+    assert "host" in capsys.readouterr().out
+    assert main(["fit", "--model", PRESET, "--gpu-memory", "24GiB", "--host-memory", "lots"]) == 2
+    assert "--host-memory" in capsys.readouterr().err

@@ -9,6 +9,12 @@ lists the configurations whose predicted peak (plus the CUDA context) is within 
 budget, ranked: longest sequence first, then the least aggressive quantization
 (none > int8 > nf4), then the fewest memory techniques. With --seq-len the
 question is the other way round: which settings make that length fit.
+
+Host memory is part of the bill: offloaded checkpoints (11.3 GB for the 1.5B
+shape at 131072 tokens), the embedding table and paged optimizer states live
+there. The `host` column gives those tensors; `--host-memory SIZE` also drops
+the configurations whose host tensors exceed SIZE (leave the process itself,
+2-5 GB with CUDA libraries, out of SIZE).
 """
 
 from __future__ import annotations
@@ -34,14 +40,20 @@ class Candidate:
     estimate: Estimate
     needed_bytes: int  # predicted peak + CUDA context (when counted)
     budget_bytes: int
+    host_budget_bytes: int | None = None  # for the host tensors; None = not checked
 
     @property
     def headroom_bytes(self) -> int:
         return self.budget_bytes - self.needed_bytes
 
     @property
+    def host_bytes(self) -> int:
+        return sum(self.estimate.host_bytes.values())
+
+    @property
     def fits(self) -> bool:
-        return self.needed_bytes <= self.budget_bytes
+        host_ok = self.host_budget_bytes is None or self.host_bytes <= self.host_budget_bytes
+        return self.needed_bytes <= self.budget_bytes and host_ok
 
     def checkpointing(self) -> str:
         if self.cfg.offloads_checkpoints:
@@ -53,7 +65,8 @@ class Candidate:
                 "gradient_checkpointing": self.cfg.gradient_checkpointing,
                 "offload_activations": self.cfg.offload_activations, "lora_rank": self.cfg.lora_rank,
                 "batch_size": self.cfg.batch_size, "predicted_bytes": self.estimate.total_bytes,
-                "needed_bytes": self.needed_bytes, "headroom_bytes": self.headroom_bytes}
+                "needed_bytes": self.needed_bytes, "headroom_bytes": self.headroom_bytes,
+                "host_bytes": self.host_bytes}
 
 
 @dataclass
@@ -100,7 +113,8 @@ def _rank_key(cand: Candidate, seq_fixed: bool) -> tuple:
 
 
 def fit_configurations(base: RunConfig, budget_bytes: int, fixed: Iterable[str] = (),
-                       include_context: bool = True, model_config: dict | None = None) -> FitResult:
+                       include_context: bool = True, model_config: dict | None = None,
+                       host_budget_bytes: int | None = None) -> FitResult:
     """The configurations within `budget_bytes`, ranked; the closest miss when none is."""
     fixed = set(fixed)
     shape = model_shape(model_config if model_config is not None else load_model_config(base.model),
@@ -113,7 +127,7 @@ def fit_configurations(base: RunConfig, budget_bytes: int, fixed: Iterable[str] 
             continue
         seen.add(key)
         needed = est.total_bytes + (est.cuda_context_bytes if include_context else 0)
-        candidates.append(Candidate(cfg, est, needed, budget_bytes))
+        candidates.append(Candidate(cfg, est, needed, budget_bytes, host_budget_bytes))
     fits = sorted((c for c in candidates if c.fits), key=lambda c: _rank_key(c, "seq_len" in fixed))
     closest = None if fits else min(candidates, key=lambda c: c.needed_bytes, default=None)
     return FitResult(fits, closest, len(candidates))
@@ -125,17 +139,18 @@ def _describe(c: Candidate) -> str:
 
 
 def format_table(result: FitResult, budget_bytes: int, top: int) -> str:
-    header = f"{'seq_len':>8}  {'quant':<5}  {'ckpt':<7}  {'rank':>4}  {'batch':>5}  {'predicted':>10}  {'headroom':>10}"
+    header = (f"{'seq_len':>8}  {'quant':<5}  {'ckpt':<7}  {'rank':>4}  {'batch':>5}  {'predicted':>10}  "
+              f"{'headroom':>10}  {'host':>10}")
     lines = [header, "-" * len(header)]
     for c in result.fits[:top]:
         lines.append(f"{c.estimate.seq_len:>8}  {c.cfg.quantization:<5}  {c.checkpointing():<7}  "
                      f"{c.cfg.lora_rank:>4}  {c.cfg.batch_size or 'auto':>5}  {c.needed_bytes / GIB:>6.2f} GiB  "
-                     f"{c.headroom_bytes / GIB:>6.2f} GiB")
+                     f"{c.headroom_bytes / GIB:>6.2f} GiB  {c.host_bytes / GIB:>6.2f} GiB")
     more = len(result.fits) - top
     if more > 0:
         lines.append(f"... and {more} more (--top N to show them)")
     lines.append(f"{len(result.fits)} of {result.searched} configurations fit {gib(budget_bytes)} "
-                 f"(predicted peak allocated + CUDA context)")
+                 f"(predicted peak allocated + CUDA context); host = tensors kept in host memory")
     return "\n".join(lines)
 
 
@@ -144,6 +159,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top", type=int, default=20, metavar="N", help="show the N best configurations (default 20)")
     parser.add_argument("--no-context", dest="include_context", action="store_false",
                         help="leave the CUDA context (~0.5 GB) out of the budget check")
+    parser.add_argument("--host-memory", metavar="SIZE", default=None,
+                        help="host RAM for offloaded checkpoints, the embedding table and paged optimizer states "
+                             "(e.g. 32GiB); configurations needing more are dropped")
     parser.add_argument("--json", action="store_true", help="print the fitting configurations as JSON")
 
 
@@ -158,14 +176,22 @@ def run(args: argparse.Namespace) -> int:
         budget = parse_memory_size(cfg.gpu_memory)
     except ValueError as exc:
         raise UserError(f"gpu_memory: {exc}") from None
-    result = fit_configurations(cfg, budget, fixed, include_context=args.include_context)
+    host_budget = None
+    if args.host_memory:
+        try:
+            host_budget = parse_memory_size(args.host_memory)
+        except ValueError as exc:
+            raise UserError(f"--host-memory: {exc}") from None
+    result = fit_configurations(cfg, budget, fixed, include_context=args.include_context,
+                                host_budget_bytes=host_budget)
     if not result.fits:
         c = result.closest
         if c is None:
             raise UserError("nothing to search: the constraints leave no configuration")
         raise UserError(
-            f"no configuration fits {gib(budget)}; the closest is {_describe(c)} at {gib(c.needed_bytes)}, "
-            f"{gib(-c.headroom_bytes)} over the budget"
+            f"no configuration fits {gib(budget)}"
+            + (f" with {gib(host_budget)} of host memory" if host_budget is not None else "")
+            + f"; the closest is {_describe(c)} at {gib(c.needed_bytes)}, {gib(-c.headroom_bytes)} over the budget"
         )
     if args.json:
         print(json.dumps({"budget_bytes": budget, "fits": [c.to_dict() for c in result.fits[:args.top]]}, indent=2))
