@@ -307,7 +307,22 @@ def _move_embeddings_to_host(model: nn.Module, notes: list[str]) -> None:
         notes.append(f"embeddings_on_host: kept on the device, {reason}")
 
 
+def compile_unavailable_reason(device: torch.device) -> str | None:
+    """Why torch.compile's GPU kernels cannot be used on `device`, or None when they can."""
+    try:
+        import triton  # noqa: F401 - torch.compile's GPU code generator
+    except ImportError:
+        return "Triton is not installed"
+    if torch.cuda.get_device_capability(device) < (7, 0):
+        return "Triton needs a GPU of compute capability 7.0 or newer"
+    return None
+
+
 def _fuse_elementwise(model: nn.Module, notes: list[str]) -> None:
+    reason = compile_unavailable_reason(next(model.parameters()).device)
+    if reason is not None:
+        notes.append(f"fuse_elementwise: skipped, {reason}")
+        return
     from memtune.kernels import enable_fused_elementwise
 
     count = enable_fused_elementwise(model)

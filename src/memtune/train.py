@@ -115,7 +115,15 @@ def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: RunConfi
     labels = batch["labels"][:, 1:].reshape(-1)
     return chunked_linear_cross_entropy(hidden, head.weight, labels, bias=head.bias,
                                         chunk_tokens=cfg.loss_chunk_tokens,
-                                        fused=cfg.fuse_loss and hidden.device.type == "cuda")
+                                        fused=cfg.fuse_loss and _can_compile(hidden.device))
+
+
+def _can_compile(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    from memtune.models import compile_unavailable_reason
+
+    return compile_unavailable_reason(device) is None
 
 
 def train_step(session: Session, batches) -> float:
