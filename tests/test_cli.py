@@ -33,3 +33,14 @@ def test_unknown_yaml_key_names_the_file(tmp_path, capsys):
     config.write_text("lora_rnk: 4\n")
     assert main(["train", "--config", str(config)]) == 2
     assert f"{config}: unknown key 'lora_rnk'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("verb", ["train", "study", "report", "estimate", "fit", "eval", "merge"])
+def test_every_verb_prints_its_help(verb, capsys):
+    from memtune.cli import main
+
+    assert main([verb, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: memtune " + verb)
+    if verb == "train":  # on-by-default switches show how to turn them off
+        assert "--no-offload-activations" in out and "--no-fuse-elementwise" in out

@@ -46,7 +46,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="YAML", help="a YAML file of config keys; flags override it")
     for f in fields(RunConfig):
         flag = "--" + f.name.replace("_", "-")
-        text = helps.get(f.name, "")
+        text = helps.get(f.name, "").replace("%", "%%")  # argparse %-formats help strings
         default_text = f"(default: {f.default})"
         if f.type in ("bool", bool):
             parser.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS,
