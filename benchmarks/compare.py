@@ -82,6 +82,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "search": (64, 256, 64),
     },
 }
+# the same, 28 layers deep like the 1.5B shape: how bf16 rounding grows with depth (--grad-check on a CPU)
+PRESETS["tiny-deep-test"] = {**PRESETS["tiny-test"],
+                             "config": {**PRESETS["tiny-test"]["config"], "num_hidden_layers": 28}}
 
 
 # =========================================================================== helpers
