@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The measurements still missing from benchmarks/results/compare-h200.json, in one command
-# (about 8 minutes on an H200): memtune's current defaults at 16384 and 65536, what each
+# (about 9 minutes on an H200): memtune's current defaults at 16384 and 65536, what each
 # default technique costs or buys at 16384 (one switched off at a time, plus the optional
 # fused loss), LoRA on all linear layers, memtune's longest length within 24 GiB, and a
 # profile of one default step.
@@ -16,6 +16,7 @@ compare --seq-lens 16384 --stacks no-offload,untiled,embed-on-gpu,loss-chunk-409
   --variant "embed-on-gpu=--no-embeddings-on-host" --variant "loss-chunk-4096=--loss-chunk-tokens 4096" \
   --variant "unfused=--no-fuse-elementwise" --variant "fuse-loss=--fuse-loss"
 compare --seq-lens 16384 --lora-targets all --stacks unsloth,memtune
+compare --grad-check --seq-lens 4096 --stacks seed,seed-autocast,liger,memtune  # is 1e-2 reachable in bf16 at all?
 compare --max-length-search --gpu-memory 24GiB --search-start 131072 --stacks memtune
 python3 "$here/profile_step.py" --model deepseek-r1-distill-qwen-1.5b --random-init --data random --seq-len 16384 \
   --no-eval --lora-dropout 0 --profile-out "$out/profile-16k-defaults.txt" > "$out/profile.log" 2>&1
