@@ -650,6 +650,33 @@ def loss_agreement(records: list[dict], tolerance: float) -> list[str]:
     return problems
 
 
+def ratio_section(rows: list[dict]) -> list[str]:
+    """Each memtune row against the leanest and the fastest other stack at the same length, cap and targets."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("status") == "ok" and r.get("peak_allocated_bytes") and r.get("tokens_per_s"):
+            groups.setdefault((r.get("lora_targets"), r.get("gpu_memory_cap"), r["seq_len"]), []).append(r)
+    out = []
+    for (targets, cap, seq_len), group in sorted(groups.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]), kv[0][2])):
+        others = [r for r in group if not r["stack"].startswith("memtune")]
+        ours = [r for r in group if r["stack"].startswith("memtune")]
+        if not others or not ours:
+            continue
+        lean = min(others, key=lambda r: r["peak_allocated_bytes"])
+        fast = max(others, key=lambda r: r["tokens_per_s"])
+        for r in sorted(ours, key=lambda r: r["stack"]):
+            out.append(f"| {targets} | {cap or '-'} | {seq_len} | {r['stack']} "
+                       f"| {r['peak_allocated_bytes'] / lean['peak_allocated_bytes']:.2f}x ({lean['stack']}) "
+                       f"| {r['tokens_per_s'] / fast['tokens_per_s']:.2f}x ({fast['stack']}) |")
+    if not out:
+        return []
+    return ["", "## memtune against the other stacks", "",
+            "Peak allocated memory as a multiple of the leanest other stack's, tokens/s as a multiple of the "
+            "fastest other stack's, at the same length, cap and LoRA targets.", "",
+            "| targets | cap | seq_len | memtune row | memory vs leanest other | speed vs fastest other |",
+            "|---|---|---:|---|---:|---:|"] + out
+
+
 def search_summary(records: list[dict], preset: str) -> dict[tuple, dict]:
     """Longest ok length (and shortest failing one) per (targets, cap, stack) over search records."""
     out: dict[tuple, dict] = {}
@@ -697,6 +724,7 @@ def write_reports(out: Path, preset: str, tolerance: float) -> tuple[Path, Path 
         lines += ["", "memtune rows: `memtune train` with the defaults of the code at the row's date, plus:", ""]
         lines += [f"- `{name}` (last run {date}): `{flags or '(no extra flags)'}`"
                   for name, (flags, date) in sorted(variants.items())]
+    lines += ratio_section(rows)
     problems = loss_agreement(rows, tolerance)
     lines += ["", "## First-step loss agreement", ""]
     lines += [f"- MISMATCH: {p}" for p in problems] or [f"All stacks agree within {tolerance} at every length."]

@@ -442,6 +442,18 @@ def test_compare_plumbing_on_tiny_cpu_model(tmp_path):
     assert out.with_suffix(".md").is_file() and out.with_suffix(".png").is_file()
 
 
+def test_compare_ratio_section():
+    compare = _compare_module()
+    base = {"lora_targets": "qv", "gpu_memory_cap": None, "seq_len": 4096, "status": "ok"}
+    rows = [{**base, "stack": "unsloth", "peak_allocated_bytes": 4e9, "tokens_per_s": 100.0},
+            {**base, "stack": "liger", "peak_allocated_bytes": 8e9, "tokens_per_s": 120.0},
+            {**base, "stack": "memtune", "peak_allocated_bytes": 2e9, "tokens_per_s": 90.0},
+            {**base, "stack": "memtune", "seq_len": 8192, "peak_allocated_bytes": 2e9, "tokens_per_s": 90.0}]
+    lines = compare.ratio_section(rows)
+    assert "| qv | - | 4096 | memtune | 0.50x (unsloth) | 0.75x (liger) |" in lines
+    assert not any("| 8192 |" in line for line in lines)  # nothing to compare against at 8192
+
+
 def test_compare_gradient_check_pieces():
     compare = _compare_module()
     assert compare.lora_key("base_model.model.model.layers.3.self_attn.q_proj.lora_A.default.weight") == "3.q_proj.A"
