@@ -126,3 +126,21 @@ def test_int8_backward_matches_bitsandbytes_and_saves_no_input():
         grads.append(xi.grad)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-4)
     assert saved[1] is None  # ours keeps no input tensor on the graph node
+
+
+def test_host_memory_warning_and_meminfo(tmp_path):
+    from memtune.measure import available_host_memory
+    from memtune.train import host_memory_warning
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:         1000000 kB\nMemAvailable:   2000000 kB\n")
+    assert available_host_memory(meminfo) == 2000000 * 1024
+    assert available_host_memory(tmp_path / "missing") is None
+    lines = []
+    estimate = {"host_bytes": {"offloaded_checkpoints": 3 * 2**30, "embeddings": 2**29}}
+    assert host_memory_warning(estimate, 2 * 2**30, lines.append)
+    assert len(lines) == 1 and "3.50 GiB" in lines[0] and "--no-offload-activations" in lines[0]
+    assert not host_memory_warning(estimate, 64 * 2**30, lines.append)
+    assert not host_memory_warning(None, 2**30, lines.append)
+    assert not host_memory_warning(estimate, None, lines.append)  # unknown free memory: say nothing
+    assert len(lines) == 1

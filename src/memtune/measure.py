@@ -72,6 +72,17 @@ def peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def available_host_memory(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """Bytes of RAM the kernel says can be allocated without swapping (MemAvailable); None off Linux."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def cap_gpu_memory(device: torch.device, cap_bytes: int) -> float:
     """Let this process allocate at most cap_bytes on the GPU; return the fraction used."""
     total = torch.cuda.get_device_properties(device).total_memory

@@ -200,6 +200,8 @@ def run(cfg: RunConfig, out_dir: Path, log: Callable[[str], None] = print, progr
     metrics["versions"] = provenance.package_versions()
     metrics["git_commit"] = provenance.git_commit()
     metrics["estimate"] = _estimate(cfg, log)
+    if device.type == "cuda":
+        host_memory_warning(metrics["estimate"], measure.available_host_memory(), log)
 
     session = setup(cfg, log)
     # Only now, with the model and data known good, does the run directory appear.
@@ -260,7 +262,24 @@ def _estimate(cfg: RunConfig, log: Callable[[str], None]) -> dict[str, Any] | No
     except UserError as exc:
         log(f"no memory estimate: {exc}")
         return None
-    return {"total_bytes": int(estimate.total_bytes), "breakdown": {k: int(v) for k, v in estimate.breakdown.items()}}
+    return {"total_bytes": int(estimate.total_bytes), "breakdown": {k: int(v) for k, v in estimate.breakdown.items()},
+            "host_bytes": {k: int(v) for k, v in estimate.host_bytes.items()}}
+
+
+def host_memory_warning(estimate: dict[str, Any] | None, available: int | None,
+                        log: Callable[[str], None]) -> bool:
+    """Warn (one line) when the tensors this run keeps in host memory may not fit in the free RAM.
+
+    A run the kernel kills for memory leaves no metrics behind; saying so first is
+    cheaper. Only a warning: the estimate leaves out the process itself.
+    """
+    need = sum((estimate or {}).get("host_bytes", {}).values())
+    if not need or not available or need <= 0.9 * available:
+        return False
+    log(f"warning: host memory: this run keeps about {measure.gib(need)} in host memory (offloaded checkpoints, "
+        f"embedding table) and {measure.gib(available)} is free; it may be killed. "
+        f"--no-offload-activations or a shorter --seq-len needs less")
+    return True
 
 
 def _time_metrics(cfg: RunConfig, session: Session, timer: measure.StepTimer, gpu_name: str | None) -> dict[str, Any]:
