@@ -46,13 +46,23 @@ def host_embeddings_skip_reason(model: nn.Module, require_cuda: bool = True) -> 
     return None
 
 
-def _make_forward(module: nn.Embedding, weight: torch.Tensor) -> Any:
+def _rows_on(weight: torch.Tensor, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The table's rows for host-side `ids`, on `device`.
+
+    For a GPU they are gathered straight into pinned memory, so the copy is a
+    real asynchronous DMA queued without waiting for the GPU.
+    """
+    if device.type != "cuda":
+        return F.embedding(ids, weight)
+    rows = torch.empty((ids.numel(), weight.shape[1]), dtype=weight.dtype, pin_memory=True)
+    torch.index_select(weight, 0, ids.reshape(-1), out=rows)
+    return rows.view(*ids.shape, weight.shape[1]).to(device, non_blocking=True)
+
+
+def _make_forward(weight: torch.Tensor) -> Any:
     def forward(ids: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(ids.to("cpu"), weight, module.padding_idx)
-        if ids.device.type != "cuda":
-            return rows
-        # pinned, so the copy back runs as a real asynchronous DMA
-        return rows.pin_memory().to(ids.device, non_blocking=True)
+        # ids already on the GPU must come back first, which waits for the GPU (see lookup_on_host)
+        return _rows_on(weight, ids.to("cpu"), ids.device)
 
     return forward
 
@@ -78,7 +88,7 @@ def enable_host_embeddings(model: nn.Module, require_cuda: bool = True) -> str |
     embed.weight = host  # a plain attribute: not a parameter, not in state_dict, not moved by .to()
     setattr(embed, _ATTR, {"had_own_forward": "forward" in embed.__dict__, "original": embed.forward,
                            "device": device})
-    embed.forward = _make_forward(embed, host)
+    embed.forward = _make_forward(host)
     return None
 
 
@@ -90,16 +100,8 @@ def lookup_on_host(model: nn.Module, ids: torch.Tensor, device: torch.device) ->
     rows are gathered straight into pinned memory from ids the data loader has
     on the host anyway, and the copy is queued without waiting.
     """
-    embed = base_model(model).get_input_embeddings()
-    if embed.__dict__.get(_ATTR) is None:
-        return None
-    weight = embed.weight
-    ids = ids.to("cpu")
-    if device.type != "cuda":
-        return F.embedding(ids, weight, embed.padding_idx)
-    rows = torch.empty((ids.numel(), weight.shape[1]), dtype=weight.dtype, pin_memory=True)
-    torch.index_select(weight, 0, ids.reshape(-1), out=rows)
-    return rows.view(*ids.shape, weight.shape[1]).to(device, non_blocking=True)
+    weight = host_embedding_weight(model)
+    return None if weight is None else _rows_on(weight, ids.to("cpu"), device)
 
 
 def host_embedding_weight(model: nn.Module) -> torch.Tensor | None:
