@@ -17,6 +17,7 @@ The path, in order:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -307,8 +308,11 @@ def _move_embeddings_to_host(model: nn.Module, notes: list[str]) -> None:
         notes.append(f"embeddings_on_host: kept on the device, {reason}")
 
 
+@functools.lru_cache(maxsize=None)  # asked on every training step by the fused loss
 def compile_unavailable_reason(device: torch.device) -> str | None:
     """Why torch.compile's GPU kernels cannot be used on `device`, or None when they can."""
+    if device.type != "cuda":
+        return "torch.compile's kernels are used on CUDA GPUs only"
     try:
         import triton  # noqa: F401 - torch.compile's GPU code generator
     except ImportError:
@@ -318,8 +322,8 @@ def compile_unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def _fuse_elementwise(model: nn.Module, notes: list[str]) -> None:
-    reason = compile_unavailable_reason(next(model.parameters()).device)
+def _fuse_elementwise(model: nn.Module, device: torch.device, notes: list[str]) -> None:
+    reason = compile_unavailable_reason(device)
     if reason is not None:
         notes.append(f"fuse_elementwise: skipped, {reason}")
         return
@@ -351,7 +355,7 @@ def build_model(cfg: RunConfig) -> BuiltModel:
         for param in model.parameters():
             param.requires_grad_(True)
     if cfg.fuse_elementwise and device.type == "cuda":  # torch.compile needs a C++ toolchain on a CPU
-        _fuse_elementwise(model, notes)  # before tiling, which wraps the MLP's forward
+        _fuse_elementwise(model, device, notes)  # before tiling, which wraps the MLP's forward
     enable_checkpointing(model, cfg, notes)
     if cfg.embeddings_on_host and device.type == "cuda":  # a CPU run has no other memory to move it to
         _move_embeddings_to_host(model, notes)

@@ -22,7 +22,7 @@ from memtune import measure, provenance
 from memtune.config import RunConfig, parse_memory_size, save_yaml, write_text_atomic
 from memtune.errors import UserError
 from memtune.kernels._common import base_model
-from memtune.models import BuiltModel, build_model, count_parameters, trainable_line
+from memtune.models import BuiltModel, build_model, compile_unavailable_reason, count_parameters, trainable_line
 
 
 @dataclass
@@ -115,15 +115,7 @@ def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: RunConfi
     labels = batch["labels"][:, 1:].reshape(-1)
     return chunked_linear_cross_entropy(hidden, head.weight, labels, bias=head.bias,
                                         chunk_tokens=cfg.loss_chunk_tokens,
-                                        fused=cfg.fuse_loss and _can_compile(hidden.device))
-
-
-def _can_compile(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
-    from memtune.models import compile_unavailable_reason
-
-    return compile_unavailable_reason(device) is None
+                                        fused=cfg.fuse_loss and compile_unavailable_reason(hidden.device) is None)
 
 
 def train_step(session: Session, batches) -> float:
