@@ -469,10 +469,10 @@ def _tail(path: Path, n: int = 3000) -> str:
         return ""
 
 
-def memtune_command(args: argparse.Namespace, model_dir: Path, seq_len: int, out_dir: Path, extra: str) -> list[str]:
+def memtune_train_args(args: argparse.Namespace, model_dir: Path, seq_len: int, out_dir: Path, extra: str) -> list[str]:
+    """The flags of `memtune train` for one memtune row (the same settings as the other stacks, plus `extra`)."""
     targets = ",".join(TARGETS[args.lora_targets])
-    cmd = [sys.executable, "-m", "memtune", "train",
-           "--model", str(model_dir) if args.memtune_model == "dir" else args.memtune_model,
+    cmd = ["--model", str(model_dir) if args.memtune_model == "dir" else args.memtune_model,
            "--data", "random", "--seq-len", str(seq_len), "--steps", str(args.steps),
            "--warmup-steps", str(args.warmup), "--no-eval", "--out", str(out_dir),
            "--batch-size", "1", "--seed", str(args.seed), "--lora-rank", str(LORA["r"]),
@@ -496,27 +496,26 @@ def run_one(args: argparse.Namespace, stack: str, seq_len: int, model_dir: Path,
     }
     work = Path(tempfile.mkdtemp(prefix=f"compare-{stack}-{seq_len}-", dir=args.work_dir))
     log = work / "log.txt"
-    variant = args.variants.get(stack)
-    memtune_stack = stack == "memtune" or variant is not None
-    if memtune_stack:
-        extra = args.memtune_args if stack == "memtune" else variant
+    extra = args.memtune_args if stack == "memtune" else args.variants.get(stack)
+    train_args = None
+    if extra is not None:  # a memtune row
         record["stack_args"] = extra
         run_dir = work / "run"
-        cmd = memtune_command(args, model_dir, seq_len, run_dir, extra)
-    if mode == "grad":
+        train_args = memtune_train_args(args, model_dir, seq_len, run_dir, extra)
+    # memtune rows train through its CLI; the other stacks, and every gradient check, in this
+    # script's worker (which builds a memtune row in-process from train_args)
+    via_cli = train_args is not None and mode != "grad"
+    if via_cli:
+        cmd = [sys.executable, "-m", "memtune", "train", *train_args]
+    else:
+        grad = mode == "grad"
         spec = {"stack": stack, "seq_len": seq_len, "lora_targets": args.lora_targets, "seed": args.seed,
-                "steps": 1, "model_dir": str(model_dir), "result": str(work / "result.json"),
+                "steps": 1 if grad else args.steps, "model_dir": str(model_dir), "result": str(work / "result.json"),
                 "max_positions": PRESETS[args.preset]["config"]["max_position_embeddings"],
-                "gpu_memory_cap_bytes": None, "grad_file": str(work / "grads.pt"),
-                "memtune_argv": cmd[4:] if memtune_stack else None}
-        record["grad_file"] = spec["grad_file"]
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-        memtune_stack = False  # the worker reports, in-process
-    elif not memtune_stack:
-        spec = {"stack": stack, "seq_len": seq_len, "lora_targets": args.lora_targets, "seed": args.seed,
-                "steps": args.steps, "model_dir": str(model_dir), "result": str(work / "result.json"),
-                "max_positions": PRESETS[args.preset]["config"]["max_position_embeddings"],
-                "gpu_memory_cap_bytes": record["gpu_memory_cap_bytes"]}
+                "gpu_memory_cap_bytes": None if grad else record["gpu_memory_cap_bytes"]}
+        if grad:
+            spec.update(grad_file=str(work / "grads.pt"), memtune_argv=train_args)
+            record["grad_file"] = spec["grad_file"]
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     record["command"] = shlex.join(cmd)
     print(f"compare: {stack} @ {seq_len} ...", flush=True)
@@ -529,7 +528,7 @@ def run_one(args: argparse.Namespace, stack: str, seq_len: int, model_dir: Path,
     record["peak_host_rss_bytes"] = rss
     record["exit_code"] = code
 
-    if memtune_stack:
+    if via_cli:
         _fill_from_memtune(record, run_dir / "metrics.json", code, log, args)
     else:
         _fill_from_worker(record, work / "result.json", code, log, args)
