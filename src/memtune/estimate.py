@@ -749,8 +749,9 @@ def _activation_phases(shape: ModelShape, cfg: RunConfig, c: int, seq: int, toke
 
 # --- reporting --------------------------------------------------------------------------
 
-def gib(num_bytes: float) -> str:
-    return f"{num_bytes / GIB:.2f} GiB"
+def gib(num_bytes: float | None) -> str:
+    """Bytes as 'x.xx GiB' ('n/a' for None): the one formatter of the CLI's lines."""
+    return "n/a" if num_bytes is None else f"{num_bytes / GIB:.2f} GiB"
 
 
 def format_estimate(estimate: Estimate, cfg: RunConfig) -> str:

@@ -17,12 +17,6 @@ from typing import Iterable
 import torch
 from torch import nn
 
-GIB = 1024**3
-
-
-def gib(num_bytes: float | None) -> str:
-    return "n/a" if num_bytes is None else f"{num_bytes / GIB:.2f} GiB"
-
 
 # --- peaks -------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from memtune.config import RunConfig, write_text_atomic
-from memtune.measure import gib
+from memtune.estimate import gib
 
 
 def _memory_lines(metrics: dict[str, Any]) -> list[str]:

@@ -21,6 +21,7 @@ from torch import nn
 from memtune import measure, provenance
 from memtune.config import RunConfig, parse_memory_size, save_yaml, write_text_atomic
 from memtune.errors import UserError
+from memtune.estimate import estimate_memory, gib
 from memtune.kernels._common import base_model
 from memtune.models import BuiltModel, build_model, compile_unavailable_reason, count_parameters, trainable_line
 
@@ -246,10 +247,6 @@ def _apply_gpu_cap(cfg: RunConfig, log: Callable[[str], None]) -> torch.device:
 def _estimate(cfg: RunConfig, log: Callable[[str], None]) -> dict[str, Any] | None:
     """The analytical prediction, stored beside the measurement so the report can show its error."""
     try:
-        from memtune.estimate import estimate_memory
-    except ImportError:
-        return None
-    try:
         estimate = estimate_memory(cfg)
     except UserError as exc:
         log(f"no memory estimate: {exc}")
@@ -268,8 +265,8 @@ def host_memory_warning(estimate: dict[str, Any] | None, available: int | None,
     need = sum((estimate or {}).get("host_bytes", {}).values())
     if not need or not available or need <= 0.9 * available:
         return False
-    log(f"warning: host memory: this run keeps about {measure.gib(need)} in host memory (offloaded checkpoints, "
-        f"embedding table) and {measure.gib(available)} is free; it may be killed. "
+    log(f"warning: host memory: this run keeps about {gib(need)} in host memory (offloaded checkpoints, "
+        f"embedding table) and {gib(available)} is free; it may be killed. "
         f"--no-offload-activations or a shorter --seq-len needs less")
     return True
 

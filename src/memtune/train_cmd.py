@@ -11,7 +11,7 @@ from pathlib import Path
 
 from memtune.cli import add_config_flags, config_from_args
 from memtune.config import RunConfig, write_text_atomic
-from memtune.measure import gib
+from memtune.estimate import gib
 
 EXIT_OOM = 3
 
