@@ -36,6 +36,8 @@ Tokens whose label is `ignore_index` are dropped before the first matmul
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 __all__ = ["chunked_linear_cross_entropy", "effective_chunk_tokens", "chunk_loss_and_grad"]
@@ -81,13 +83,9 @@ def chunk_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor,
     return (lse - target).sum(), grad.to(logits.dtype)
 
 
-_COMPILED_CHUNK: list = []
-
-
+@functools.cache
 def _fused_chunk_fn():
-    if not _COMPILED_CHUNK:
-        _COMPILED_CHUNK.append(torch.compile(chunk_loss_and_grad, dynamic=True))
-    return _COMPILED_CHUNK[0]
+    return torch.compile(chunk_loss_and_grad, dynamic=True)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):

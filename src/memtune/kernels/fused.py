@@ -16,6 +16,7 @@ is SiLU. Everything else keeps its forward.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import torch
@@ -41,14 +42,10 @@ def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-_COMPILED: dict[str, Callable] = {}
-
-
-def _compiled(name: str, fn: Callable) -> Callable:
-    if name not in _COMPILED:
-        # dynamic: one kernel for every sequence length (generation changes it every token)
-        _COMPILED[name] = torch.compile(fn, dynamic=True)
-    return _COMPILED[name]
+@functools.cache
+def _compiled(fn: Callable) -> Callable:
+    # dynamic: one kernel for every sequence length (generation changes it every token)
+    return torch.compile(fn, dynamic=True)
 
 
 # torch's and transformers' own SiLU modules (ACT2FN["silu"] is the latter in transformers 5)
@@ -66,7 +63,7 @@ def _is_silu_gated_mlp(module: nn.Module) -> bool:
 
 
 def _norm_forward(module: nn.Module, compile_fn: bool) -> Callable:
-    fn = _compiled("rms_norm", rms_norm_reference) if compile_fn else rms_norm_reference
+    fn = _compiled(rms_norm_reference) if compile_fn else rms_norm_reference
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
         return fn(hidden, module.weight, module.variance_epsilon)
@@ -75,7 +72,7 @@ def _norm_forward(module: nn.Module, compile_fn: bool) -> Callable:
 
 
 def _mlp_forward(module: nn.Module, compile_fn: bool) -> Callable:
-    fn = _compiled("silu_mul", silu_mul_reference) if compile_fn else silu_mul_reference
+    fn = _compiled(silu_mul_reference) if compile_fn else silu_mul_reference
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return module.down_proj(fn(module.gate_proj(x), module.up_proj(x)))
