@@ -61,7 +61,7 @@ def compare_rows() -> list[dict]:
                 or record.get("date", "") < COMPARE_SINCE):
             continue
         argv = shlex.split(record["command"])[4:]  # after: python -m memtune train
-        flags = {k: v for k, v in vars(parser.parse_args(argv)).items() if k in COMPARE_DEFAULTS or k in FIELDS}
+        flags = {k: v for k, v in vars(parser.parse_args(argv)).items() if k in FIELDS}
         config = {**COMPARE_DEFAULTS, **flags, "model": "deepseek-r1-distill-qwen-1.5b", "out": "", "eval": False}
         config.pop("gpu_memory", None)
         rows.append({"config": config, "status": record.get("status"),
