@@ -198,6 +198,120 @@ def test_offloaded_checkpointing_matches_plain_and_hf_checkpointing(dtype):
     assert not any(layer.gradient_checkpointing for layer in off.get_base_model().model.layers)
 
 
+def _counting_sdpa(monkeypatch):
+    calls = {"n": 0}
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    return calls
+
+
+@pytest.mark.parametrize("copies", [False, True], ids=["kept", "copied-and-rebuilt"])
+def test_saved_attention_matches_plain_and_skips_the_recomputed_attention(dtype, copies, monkeypatch):
+    from memtune.kernels import saved_attention
+
+    # copied-and-rebuilt: what a GPU does (storages parked and rebuilt), here with clones on the CPU
+    monkeypatch.setattr(saved_attention, "COPY_OFF_CUDA", copies)
+    if copies:
+        monkeypatch.setattr(saved_attention, "_KEEP_BELOW_BYTES", 0)
+    base = _tiny_lora_model(dtype, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"))
+    ids, labels = _batch(seq=33)
+    plain = _step(base, ids, labels)
+    off = copy.deepcopy(base)
+    enable_offloaded_checkpointing(off, save_attention=True)
+    calls = _counting_sdpa(monkeypatch)
+    _assert_same(_step(off, ids, labels), plain, dtype)
+    assert calls["n"] == 2  # one per layer: the recompute took attention from the forward
+    _assert_same(_step(off, ids, labels), plain, dtype)  # a second step
+    with torch.no_grad():  # eval and no-grad forwards run attention as usual
+        off(input_ids=ids)
+    assert calls["n"] == 6
+
+    recomputing = copy.deepcopy(base)
+    enable_offloaded_checkpointing(recomputing)
+    calls["n"] = 0
+    _step(recomputing, ids, labels)
+    assert calls["n"] == 4  # without it: forward and recompute
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: host copies on side streams")
+def test_saved_attention_on_a_gpu_matches_recomputing(monkeypatch):
+    from memtune.kernels import saved_attention
+
+    monkeypatch.setattr(saved_attention, "_KEEP_BELOW_BYTES", 0)  # park every saved tensor, however small
+    base = _tiny_lora_model(torch.bfloat16, targets=("q_proj", "k_proj", "v_proj", "o_proj")).cuda()
+    ids, labels = (t.cuda() for t in _batch(seq=512))
+    recomputing = copy.deepcopy(base)
+    enable_offloaded_checkpointing(recomputing)
+    saving = copy.deepcopy(base)
+    enable_offloaded_checkpointing(saving, save_attention=True)
+    expected = _step(recomputing, ids, labels)
+    calls = _counting_sdpa(monkeypatch)
+    for _ in range(2):
+        _assert_same(_step(saving, ids, labels), expected, torch.bfloat16)
+    assert calls["n"] == 4
+
+
+def test_saved_attention_keeps_one_copy_per_storage_and_no_q_k_v(monkeypatch):
+    from memtune.kernels import saved_attention
+
+    monkeypatch.setattr(saved_attention, "COPY_OFF_CUDA", True)
+    monkeypatch.setattr(saved_attention, "_KEEP_BELOW_BYTES", 0)
+    records = []
+    init = saved_attention.AttentionRecord.__init__
+
+    def keep(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        records.append(self)
+
+    monkeypatch.setattr(saved_attention.AttentionRecord, "__init__", keep)
+    model = _tiny_lora_model(torch.bfloat16)
+    enable_offloaded_checkpointing(model, save_attention=True)
+    ids, labels = _batch(seq=33)
+    model(input_ids=ids, labels=labels, use_cache=False)  # forward only: the records stay filled
+    assert len(records) == 2
+    for record in records:
+        (entry,) = record.entries
+        # the output (the layer's and the kernel's saved one share memory) and the log-sum-exp;
+        # q, k and v are referred to, rebuilt from the recompute
+        assert len(entry.blobs) == 2
+        parked = sorted(tuple(b.copy.host.shape) for b in entry.blobs.values())
+        assert parked == sorted([(33 * 4 * 16 * 2,), (4 * 33 * 4,)])  # bytes: bf16 [33, 4, 16], fp32 [4, 33]
+
+
+def test_saved_attention_falls_back_to_recomputing_eager_attention(monkeypatch):
+    from memtune.kernels import saved_attention_skip_reason
+
+    model = _tiny_lora_model(torch.float32)
+    model.get_base_model().config._attn_implementation = "eager"
+    assert "eager" in saved_attention_skip_reason(model)
+    plain = _step(model, *_batch())
+    off = copy.deepcopy(model)
+    enable_offloaded_checkpointing(off, save_attention=True)  # refused inside: layers recompute
+    _assert_same(_step(off, *_batch()), plain, torch.float32)
+
+
+def test_saved_attention_refuses_an_in_place_write_to_its_output(monkeypatch):
+    from memtune.kernels import saved_attention
+
+    model = _tiny_lora_model(torch.float32)
+    enable_offloaded_checkpointing(model, save_attention=True)
+    replay = saved_attention._Replay.apply
+
+    def replay_then_write(*args):
+        out = replay(*args)
+        out.mul_(1.0)
+        return out
+
+    monkeypatch.setattr(saved_attention._Replay, "apply", staticmethod(replay_then_write))
+    with pytest.raises(RuntimeError, match="inplace"):
+        _step(model, *_batch())
+
+
 def test_offloaded_checkpointing_runs_the_recompute(monkeypatch):
     from memtune.kernels import offload
 

@@ -74,6 +74,12 @@ class RunConfig:
     # side stream: GPU activation memory no longer grows with depth. Needs
     # gradient_checkpointing (with it off there are no checkpoints to move).
     offload_activations: bool = True
+    # With offloaded checkpoints: keep each layer's attention output and
+    # softmax statistics from the forward, in host memory beside the layer's
+    # input, so that the backward's recompute skips attention (28 attention
+    # forwards a step for the 1.5B shape). Costs one more [tokens, hidden]
+    # copy per layer each way over PCIe and as much host memory. sdpa only.
+    save_attention: bool = True
     # Run the MLP over chunks of the sequence so its [tokens, intermediate]
     # tensors never exist whole. 0 = off; otherwise the chunk length in tokens
     # (sequences no longer than one chunk run untiled).
@@ -155,6 +161,11 @@ class RunConfig:
     def offloads_checkpoints(self) -> bool:
         """Checkpoints go to host memory: offload_activations, which acts only with checkpointing on."""
         return self.offload_activations and self.gradient_checkpointing
+
+    @property
+    def saves_attention(self) -> bool:
+        """Attention kept from the forward: save_attention, which acts only with offloaded checkpoints."""
+        return self.save_attention and self.offloads_checkpoints
 
     def resolved_batch_size(self, effective_seq_len: int) -> int:
         """batch_size, with 0 (auto) turned into as many sequences as fill seq_len tokens, at most 8."""
@@ -294,7 +305,8 @@ def from_dict(values: dict[str, Any], source: str = "config") -> RunConfig:
 
 # Fields added after results were first stored, with the value a run made before
 # them had: a stored config without the key is read back as what actually ran.
-LEGACY_VALUES: dict[str, Any] = {"lora_matmul": "fp32", "embeddings_on_host": False, "fuse_elementwise": False}
+LEGACY_VALUES: dict[str, Any] = {"lora_matmul": "fp32", "embeddings_on_host": False, "fuse_elementwise": False,
+                                 "save_attention": False}
 
 
 def from_stored_dict(values: dict[str, Any]) -> RunConfig:

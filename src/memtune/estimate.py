@@ -675,8 +675,16 @@ def estimate_for_shape(cfg: RunConfig, shape: ModelShape, device: str = "cuda") 
         host["paged_optimizer_states"] = paged
     if cfg.offloads_checkpoints:
         host["offloaded_checkpoints"] = shape.layers * _round(tokens * shape.hidden * c)
+    if cfg.saves_attention:
+        host["saved_attention"] = shape.layers * saved_attention_bytes(shape, tokens, c)
     return Estimate(total_bytes=sum(breakdown.values()), breakdown=breakdown, host_bytes=host,
                     phase=phase, seq_len=seq, notes=notes)
+
+
+def saved_attention_bytes(shape: ModelShape, tokens: int, c: int) -> int:
+    """One layer's attention kept from the forward (kernels/saved_attention.py): its output
+    [tokens, heads x head_dim] in the dtype and its fp32 log-sum-exp per head and token."""
+    return _round(tokens * shape.q_dim * c) + _round(tokens * shape.heads * 4)
 
 
 def _weights(shape: ModelShape, cfg: RunConfig, c: int) -> dict[str, int]:
@@ -743,6 +751,8 @@ def _activation_phases(shape: ModelShape, cfg: RunConfig, c: int, seq: int, toke
                 "backward_workspace": workspace, "logits_and_loss": 0}
     if cfg.gradient_checkpointing:
         backward["checkpoints"] = stored["checkpoints"]
+    if cfg.saves_attention:  # the layer being recomputed and the one being prefetched, as for checkpoints
+        backward["saved_attention"] = 2 * saved_attention_bytes(shape, tokens, c)
     loss_backward = {**stored, "final_norm": final_norm + hidden_out, "logits_and_loss": loss_after}
     return {"forward_loss": forward_loss, "backward_last_layer": backward, "loss_backward": loss_backward}
 
@@ -785,6 +795,8 @@ def _summary(row: dict[str, Any]) -> str:
     bits.append("ckpt" if ckpt else "no-ckpt")
     if ckpt and cfg.get("offload_activations"):
         bits.append("offload")
+        if cfg.get("save_attention"):
+            bits.append("saved-attn")
     if cfg.get("tiled_mlp_chunk"):
         bits.append(f"tiled{cfg['tiled_mlp_chunk']}")
     if cfg.get("embeddings_on_host"):

@@ -285,10 +285,14 @@ def enable_checkpointing(model: nn.Module, cfg: RunConfig, notes: list[str]) -> 
 
     base = base_model(model)
     if cfg.offloads_checkpoints:
-        from memtune.kernels import enable_offloaded_checkpointing
+        from memtune.kernels import enable_offloaded_checkpointing, saved_attention_skip_reason
 
-        enable_offloaded_checkpointing(model)
+        reason = saved_attention_skip_reason(model) if cfg.saves_attention else None
+        enable_offloaded_checkpointing(model, save_attention=cfg.saves_attention and reason is None)
         notes.append("gradient checkpointing: memtune's, layer inputs offloaded to host memory")
+        if cfg.saves_attention:
+            notes.append("save_attention: " + ("attention outputs kept in host memory, not recomputed"
+                                               if reason is None else f"off, {reason}"))
     elif cfg.gradient_checkpointing:
         _enable_transformers_checkpointing(base)
     if cfg.tiled_mlp_chunk:

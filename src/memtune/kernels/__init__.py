@@ -2,7 +2,7 @@
 
     chunked_linear_cross_entropy(hidden, weight, labels, bias=None, chunk_tokens=4096,
                                  ignore_index=-100, *, max_chunk_bytes=1 GiB) -> scalar
-    enable_offloaded_checkpointing(model) -> int     # disable_offloaded_checkpointing(model)
+    enable_offloaded_checkpointing(model, save_attention=False) -> int  # disable_offloaded_checkpointing(model)
     enable_tiled_mlp(model, chunk_tokens) -> int     # disable_tiled_mlp(model)
     enable_compute_dtype_lora(model) -> int          # disable_compute_dtype_lora(model)
     enable_fused_elementwise(model) -> int           # compiled RMSNorm and silu(gate) * up (CUDA)
@@ -28,6 +28,7 @@ from memtune.kernels.offload import (
     disable_offloaded_checkpointing,
     enable_offloaded_checkpointing,
     is_offloaded_checkpointing,
+    saved_attention_skip_reason,
 )
 from memtune.kernels.tiled_mlp import disable_tiled_mlp, enable_tiled_mlp, tiled_mlp_chunk
 
@@ -38,6 +39,7 @@ __all__ = [
     "enable_offloaded_checkpointing",
     "disable_offloaded_checkpointing",
     "is_offloaded_checkpointing",
+    "saved_attention_skip_reason",
     "enable_tiled_mlp",
     "disable_tiled_mlp",
     "tiled_mlp_chunk",

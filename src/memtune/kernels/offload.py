@@ -28,6 +28,7 @@ so the recompute path runs and is testable on a CPU.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import Any, Callable
 
@@ -35,88 +36,31 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from memtune.kernels._common import (RngState, autocast_state, decoder_layers, outputs_discarded, replay_autocast,
-                                     restore_forward, trainable_params)
+from memtune.kernels.host_copy import HostCopy
+from memtune.kernels.saved_attention import (AttentionRecord, install_attention_hook, recording, replaying,
+                                             saved_attention_supported)
+from memtune.kernels._common import (RngState, autocast_state, base_model, decoder_layers, outputs_discarded,
+                                     replay_autocast, restore_forward, trainable_params)
 
-__all__ = ["enable_offloaded_checkpointing", "disable_offloaded_checkpointing", "is_offloaded_checkpointing"]
+__all__ = ["enable_offloaded_checkpointing", "disable_offloaded_checkpointing", "is_offloaded_checkpointing",
+           "saved_attention_skip_reason"]
 
 _ATTR = "_memtune_offload"
 # Keyword arguments that carry a KV cache: a checkpointed training forward must
 # not write to one (the recompute would write a second time).
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "cache", "layer_past")
 
-_SIDE_STREAMS: dict[int, Any] = {}
-
-
-def _side_stream(device: torch.device):
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    stream = _SIDE_STREAMS.get(index)
-    if stream is None:
-        stream = _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
-    return stream
-
-
-class _HostCopy:
-    """One layer input, parked on the host until its layer's backward."""
-
-    __slots__ = ("host", "device", "copied", "prefetched", "prefetch_done", "prev", "version", "__weakref__")
-
-    def __init__(self, tensor: torch.Tensor, prev: "_HostCopy | None"):
-        self.device = tensor.device
-        self.prev = prev  # the previous layer's copy in the same forward pass: prefetched during our backward
-        self.prefetched = None
-        self.prefetch_done = None
-        self.copied = None
-        if tensor.device.type == "cuda":
-            side = _side_stream(tensor.device)
-            side.wait_stream(torch.cuda.current_stream(tensor.device))  # the tensor is ready
-            self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-            with torch.cuda.stream(side):
-                self.host.copy_(tensor, non_blocking=True)
-                self.copied = torch.cuda.Event()
-                self.copied.record(side)
-            tensor.record_stream(side)  # the allocator keeps the GPU block until the copy has read it
-            self.version = None
-        else:
-            self.host = tensor.detach()  # no offload off CUDA: keep the tensor itself
-            self.version = tensor._version
-
-    def prefetch(self) -> None:
-        """Start the host-to-device copy on the side stream (no-op off CUDA or when already started)."""
-        if self.copied is None or self.prefetched is not None or self.host is None:
-            return
-        side = _side_stream(self.device)
-        with torch.cuda.stream(side):  # ordered after our device-to-host copy on the same stream
-            self.prefetched = self.host.to(self.device, non_blocking=True)
-            self.prefetch_done = torch.cuda.Event()
-            self.prefetch_done.record(side)
-
-    def fetch(self) -> torch.Tensor:
-        """The tensor on its device, ready for use on the current stream."""
-        if self.copied is None:
-            if self.host._version != self.version:
-                raise RuntimeError("a checkpointed layer input was modified in place before backward")
-            return self.host
-        main = torch.cuda.current_stream(self.device)
-        if self.prefetched is not None:
-            tensor, self.prefetched = self.prefetched, None
-            main.wait_event(self.prefetch_done)
-            tensor.record_stream(main)  # allocated on the side stream, used and freed on this one
-            return tensor
-        main.wait_event(self.copied)
-        return self.host.to(self.device, non_blocking=True)
-
-
 class _PassState:
     """Links the host copies of one forward pass so backward can prefetch one layer ahead."""
 
-    def __init__(self) -> None:
-        self.last: "weakref.ReferenceType[_HostCopy] | None" = None
+    def __init__(self, save_attention: bool = False) -> None:
+        self.last: "weakref.ReferenceType[HostCopy] | None" = None
         self.last_position = -1
+        self.save_attention = save_attention  # keep attention from the forward (kernels/saved_attention.py)
 
-    def save(self, tensor: torch.Tensor, position: int) -> _HostCopy:
+    def save(self, tensor: torch.Tensor, position: int) -> HostCopy:
         prev = self.last() if self.last is not None and self.last_position < position else None
-        copy = _HostCopy(tensor, prev)
+        copy = HostCopy(tensor, prev)
         self.last, self.last_position = weakref.ref(copy), position
         return copy
 
@@ -148,12 +92,18 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.saved = run.state.save(hidden, run.position)
         ctx.rng = RngState(hidden.device)
         ctx.autocast = autocast_state(hidden.device.type)
-        with torch.no_grad():
+        ctx.attention = None
+        record_attention = contextlib.nullcontext()
+        if run.state.save_attention:
+            ctx.attention = AttentionRecord()
+            ctx.saved.extras.append(ctx.attention)  # moved back together with the layer input
+            record_attention = recording(ctx.attention)
+        with torch.no_grad(), record_attention:
             return run(hidden, inputs[:n_grad_tensors])
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        saved: _HostCopy = ctx.saved
+        saved: HostCopy = ctx.saved
         hidden = saved.fetch()
         if saved.prev is not None:
             saved.prev.prefetch()  # overlaps with this layer's recompute and backward
@@ -162,8 +112,10 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         x = hidden.detach().requires_grad_(needs[0])
         tensors = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs[1:1 + n_grad])]
         # only the recomputed graph is used below, never `out`'s values (outputs_discarded)
-        with torch.enable_grad(), ctx.rng.replay(), replay_autocast(ctx.autocast), outputs_discarded():
+        with torch.enable_grad(), ctx.rng.replay(), replay_autocast(ctx.autocast), outputs_discarded(), \
+                replaying(ctx.attention):
             out = ctx.run(x, tensors)
+        ctx.attention = None
         wanted = [t for t, need in zip([x, *tensors, *ctx.params], needs) if need]
         grads_iter = iter(())
         if wanted and out.requires_grad:
@@ -209,16 +161,19 @@ def _make_forward(layer: nn.Module, original: Callable, state: _PassState, posit
     return forward
 
 
-def enable_offloaded_checkpointing(model: nn.Module) -> int:
+def enable_offloaded_checkpointing(model: nn.Module, save_attention: bool = False) -> int:
     """Checkpoint every decoder layer with its input kept in pinned host memory.
 
     Works on the instance (HF Qwen2/Qwen3/Llama decoder layers, plain or under
     peft, with LoRA and bitsandbytes 4-bit layers inside); transformers' own
     per-layer checkpointing is switched off on these layers since this replaces
-    it. Idempotent. Returns the number of layers it now covers.
+    it. save_attention: keep each layer's attention output beside its input
+    so the recompute skips attention (`saved_attention_skip_reason` says when
+    that cannot be done; then layers recompute it). Idempotent for layers
+    already covered. Returns the number of layers it now covers.
     """
     layers = decoder_layers(model)
-    state = _PassState()
+    state = _PassState(save_attention and saved_attention_skip_reason(model) is None)
     for position, layer in enumerate(layers):
         if getattr(layer, _ATTR, None) is not None:
             continue
@@ -233,6 +188,18 @@ def enable_offloaded_checkpointing(model: nn.Module) -> int:
             layer.gradient_checkpointing = False
         layer.forward = _make_forward(layer, original, state, position)
     return len(layers)
+
+
+def saved_attention_skip_reason(model: nn.Module) -> str | None:
+    """Why attention cannot be kept from the forward for `model` (None: it can; installs the hook)."""
+    implementation = getattr(getattr(base_model(model), "config", None), "_attn_implementation", None)
+    if implementation != "sdpa":
+        return f"the model's attention is {implementation!r}, not 'sdpa'"
+    if not saved_attention_supported():
+        return "this torch cannot differentiate from a saved graph edge"
+    if not install_attention_hook("sdpa"):
+        return "transformers' attention registry has no 'sdpa'"
+    return None
 
 
 def disable_offloaded_checkpointing(model: nn.Module) -> int:

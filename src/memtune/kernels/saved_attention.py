@@ -1,0 +1,295 @@
+"""Attention kept from the forward pass, so a checkpoint recompute does not run attention again.
+
+An offloaded checkpoint recomputes its whole layer in backward, attention
+included: for the 1.5B shape at 16384 tokens that is 28 flash-attention
+forwards (about 38 ms of a 590 ms step on an H200), and attention's share
+grows with the square of the length. What attention's backward needs beyond
+its inputs q, k, v is small next to the layer's other activations: its
+output and one softmax statistic per head and token. So during the layer's
+first forward, attention runs once with gradients on, and:
+
+- whatever its autograd graph saves is packed (saved-tensor hooks): q, k and
+  v are not kept at all but referred to, because the recompute produces them
+  again bit for bit; the output and the statistics go to pinned host memory
+  beside the layer's checkpoint (one copy per storage: the output the layer
+  uses and the one the kernel saves are the same memory);
+- in the recompute, attention is not run: its output comes back from the
+  host, and its backward is that first graph's backward, fed with the
+  recomputed q, k, v.
+
+The recorded graph's inputs are views made by a function that keeps nothing
+(`_Grip`), so recording holds no GPU memory beyond the copies in flight.
+The price is one more [tokens, heads x head_dim] copy each way per layer
+over PCIe (overlapped with compute) and as much host memory: 0.05 GB per
+layer at 16384 tokens for the 1.5B shape.
+
+The hook is transformers' attention registry: "sdpa" is wrapped by a function
+that calls the original unless a layer is being recorded or replayed, so
+every other use of the model (eval, generation, other models) is untouched.
+Anything the replay cannot match (another attention implementation, a layer
+calling attention a different number of times) falls back to recomputing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+
+from memtune.kernels.host_copy import HostCopy
+
+__all__ = ["AttentionRecord", "recording", "replaying", "install_attention_hook", "saved_attention_supported"]
+
+# Saved tensors smaller than this stay where they are (RNG seeds, short statistics).
+_KEEP_BELOW_BYTES = 1 << 20
+# Tests set this to copy (and rebuild) off CUDA too, as on a GPU.
+COPY_OFF_CUDA = False
+_STATE = threading.local()  # .mode ("record" | "replay" | None), .record; backward may run on another thread
+
+
+def _storage_key(t: torch.Tensor) -> tuple[str, int]:
+    return (str(t.device), t.untyped_storage().data_ptr())
+
+
+def _bytes_of_storage(t: torch.Tensor) -> torch.Tensor:
+    """A uint8 tensor over all of `t`'s storage."""
+    storage = t.untyped_storage()
+    return torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage, 0, (storage.nbytes(),), (1,))
+
+
+def _rebuild(storage_owner: torch.Tensor, dtype: torch.dtype, offset: int, size, stride) -> torch.Tensor:
+    return torch.empty(0, dtype=dtype, device=storage_owner.device).set_(
+        storage_owner.untyped_storage(), offset, size, stride)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    dtype: torch.dtype
+    offset: int
+    size: torch.Size
+    stride: tuple[int, ...]
+    storage_bytes: int
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> "_Layout":
+        return cls(t.dtype, t.storage_offset(), t.shape, t.stride(), t.untyped_storage().nbytes())
+
+
+class _Blob:
+    """One storage parked on the host; fetched to the device once, however many tensors refer to it."""
+
+    def __init__(self, tensor: torch.Tensor, copy_off_cuda: bool):
+        self.copy = HostCopy(_bytes_of_storage(tensor), copy_off_cuda=copy_off_cuda)
+        self.on_device: torch.Tensor | None = None
+
+    def prefetch(self) -> None:
+        self.copy.prefetch()
+
+    def tensor(self, layout: _Layout) -> torch.Tensor:
+        if self.on_device is None:
+            self.on_device = self.copy.fetch()
+        return _rebuild(self.on_device, layout.dtype, layout.offset, layout.size, layout.stride)
+
+
+@dataclass(frozen=True)
+class _InputRef:
+    """A saved tensor that is (a view of) q, k or v: rebuilt from the recomputed tensor."""
+    index: int
+    layout: _Layout
+
+
+@dataclass(frozen=True)
+class _BlobRef:
+    blob: _Blob
+    layout: _Layout
+
+
+class _Grip(torch.autograd.Function):
+    """`tensor`, made to require grad through a node that keeps nothing (not `tensor`, not its storage).
+
+    A detached leaf would do the same, but autograd's accumulator node would
+    then hold the leaf, and with it the [tokens, heads, dim] storage, until
+    backward. The gradient arriving here is captured by `autograd.grad` with
+    this node's edge as input; the node itself never runs."""
+
+    @staticmethod
+    def forward(ctx, anchor: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None, None
+
+
+class _Entry:
+    """One attention call of one layer: its recorded graph and how to rebuild what that graph saved."""
+
+    def __init__(self, copy_off_cuda: bool):
+        self.copy_off_cuda = copy_off_cuda
+        self.blobs: dict[tuple[str, int], _Blob] = {}
+        self.input_keys: list[tuple[str, int]] = []
+        self.keep_keys: set[tuple[str, int]] = set()
+        self.inputs: tuple[torch.Tensor, ...] = ()  # the recomputed q, k, v, bound at replay
+        self.output: Any = None
+        self.out_edge = None
+        self.input_edges: list[Any] = []
+
+    def pack(self, t: torch.Tensor) -> Any:
+        key = _storage_key(t)
+        if key in self.input_keys:
+            return _InputRef(self.input_keys.index(key), _Layout.of(t))
+        if (key in self.keep_keys or t.device.type not in ("cuda", "cpu") or t.numel() == 0
+                or t.untyped_storage().nbytes() < _KEEP_BELOW_BYTES):
+            return t
+        if t.device.type == "cpu" and not self.copy_off_cuda:
+            return t  # no host to park on: keep it, as offloaded checkpoints do off CUDA
+        blob = self.blobs.get(key)
+        if blob is None:
+            blob = self.blobs[key] = _Blob(t, self.copy_off_cuda)
+        return _BlobRef(blob, _Layout.of(t))
+
+    def unpack(self, packed: Any) -> torch.Tensor:
+        if isinstance(packed, _InputRef):
+            source = self.inputs[packed.index]
+            if source.untyped_storage().nbytes() != packed.layout.storage_bytes:
+                raise RuntimeError("the recomputed attention inputs differ in layout from the recorded ones")
+            layout = packed.layout
+            return _rebuild(source, layout.dtype, layout.offset, layout.size, layout.stride)
+        if isinstance(packed, _BlobRef):
+            return packed.blob.tensor(packed.layout)
+        return packed
+
+    def prefetch(self) -> None:
+        for blob in self.blobs.values():
+            blob.prefetch()
+
+
+class AttentionRecord:
+    """The attention calls of one layer in one forward pass, in call order."""
+
+    def __init__(self, copy_off_cuda: bool | None = None):
+        self.copy_off_cuda = COPY_OFF_CUDA if copy_off_cuda is None else copy_off_cuda
+        self.entries: list[_Entry] = []
+        self.cursor = 0
+
+    def prefetch(self) -> None:
+        for entry in self.entries:
+            entry.prefetch()
+
+
+@contextlib.contextmanager
+def _mode(mode: str | None, record: AttentionRecord | None) -> Iterator[None]:
+    previous = (getattr(_STATE, "mode", None), getattr(_STATE, "record", None))
+    _STATE.mode, _STATE.record = mode, record
+    try:
+        yield
+    finally:
+        _STATE.mode, _STATE.record = previous
+
+
+def recording(record: AttentionRecord) -> contextlib.AbstractContextManager:
+    """Attention calls inside record their graphs into `record` (a checkpointed layer's first forward)."""
+    return _mode("record", record)
+
+
+def replaying(record: AttentionRecord | None) -> contextlib.AbstractContextManager:
+    """Attention calls inside take their outputs from `record` instead of running (the recompute)."""
+    if record is not None:
+        record.cursor = 0
+    return _mode("replay" if record is not None else None, record)
+
+
+def _tensor_args(values) -> list[torch.Tensor]:
+    return [v for v in values if isinstance(v, torch.Tensor)]
+
+
+def _record_call(record: AttentionRecord, original: Callable, module, query, key, value, attention_mask,
+                 args, kwargs):
+    entry = _Entry(record.copy_off_cuda)
+    anchor = torch.empty(0, requires_grad=True)
+    with torch.enable_grad():
+        gripped = [_Grip.apply(anchor, t) for t in (query, key, value)]
+    entry.input_keys = [_storage_key(t) for t in (query, key, value)]
+    # the mask (and any other tensor argument) lives on through the whole step: refer to it, never copy it
+    entry.keep_keys = {_storage_key(t) for t in _tensor_args([attention_mask, *args, *kwargs.values()])}
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(entry.pack, entry.unpack):
+        out, weights = original(module, *gripped, attention_mask, *args, **kwargs)
+    if weights is not None or not isinstance(out, torch.Tensor) or out.grad_fn is None:
+        return out.detach() if isinstance(out, torch.Tensor) else out, weights  # nothing replayable
+    entry.out_edge = torch.autograd.graph.get_gradient_edge(out)
+    entry.input_edges = [torch.autograd.graph.get_gradient_edge(t) for t in gripped]
+    entry.output = entry.pack(out.detach())
+    record.entries.append(entry)
+    return out.detach(), None
+
+
+class _Replay(torch.autograd.Function):
+    """The recorded output, with the recorded graph's backward fed by the recomputed q, k, v."""
+
+    @staticmethod
+    def forward(ctx, entry: _Entry, query, key, value):
+        entry.inputs = (query.detach(), key.detach(), value.detach())
+        ctx.entry = entry
+        # Not a copy: the recorded graph's saved output may be this same memory. Saving it makes
+        # autograd refuse (loudly, in backward) a layer that writes into it in place.
+        out = entry.unpack(entry.output)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.saved_tensors  # noqa: B018 - the in-place check
+        entry, ctx.entry = ctx.entry, None
+        grads = torch.autograd.grad([entry.out_edge], entry.input_edges, [grad], allow_unused=True)
+        entry.inputs, entry.blobs, entry.out_edge, entry.input_edges = (), {}, None, []
+        return (None, *grads)
+
+
+def _replay_call(record: AttentionRecord, original: Callable, module, query, key, value, attention_mask,
+                 args, kwargs):
+    if record.cursor >= len(record.entries):
+        return original(module, query, key, value, attention_mask, *args, **kwargs)  # not recorded: recompute
+    entry = record.entries[record.cursor]
+    record.cursor += 1
+    return _Replay.apply(entry, query, key, value), None
+
+
+def _wrap(original: Callable) -> Callable:
+    def attention(module, query, key, value, attention_mask, *args, **kwargs):
+        mode, record = getattr(_STATE, "mode", None), getattr(_STATE, "record", None)
+        if mode == "record":
+            return _record_call(record, original, module, query, key, value, attention_mask, args, kwargs)
+        if mode == "replay":
+            return _replay_call(record, original, module, query, key, value, attention_mask, args, kwargs)
+        return original(module, query, key, value, attention_mask, *args, **kwargs)
+
+    attention._memtune_original = original  # type: ignore[attr-defined]
+    return attention
+
+
+def install_attention_hook(implementation: str = "sdpa") -> bool:
+    """Wrap transformers' `implementation` attention function (once); False when it is not registered."""
+    try:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+    except ImportError:
+        return False
+    current = ALL_ATTENTION_FUNCTIONS.get(implementation) if hasattr(ALL_ATTENTION_FUNCTIONS, "get") else None
+    if current is None:
+        return False
+    if getattr(current, "_memtune_original", None) is None:
+        AttentionInterface.register(implementation, _wrap(current))
+    return True
+
+
+def saved_attention_supported() -> bool:
+    """This torch can differentiate from a saved graph edge (torch.autograd.grad with GradientEdge outputs)."""
+    try:
+        x = torch.ones(2, requires_grad=True)
+        y = x * 2
+        (g,) = torch.autograd.grad([torch.autograd.graph.get_gradient_edge(y)], [x], [torch.ones(2)])
+        return bool(torch.equal(g, torch.full((2,), 2.0)))
+    except (AttributeError, TypeError, RuntimeError):
+        return False
