@@ -282,6 +282,13 @@ def test_saved_attention_keeps_one_copy_per_storage_and_no_q_k_v(monkeypatch):
         parked = sorted(tuple(b.copy.host.shape) for b in entry.blobs.values())
         assert parked == sorted([(33 * 4 * 16 * 2,), (4 * 33 * 4,)])  # bytes: bf16 [33, 4, 16], fp32 [4, 33]
 
+    records.clear()
+    loss = model(input_ids=ids, labels=labels, use_cache=False).loss
+    blobs = [blob for record in records for blob in record.entries[0].blobs.values()]
+    loss.backward()  # `loss` (and with it the autograd graph) still alive, as in a training step
+    assert len(records) == 2 and all(not record.entries for record in records)  # each let go after its layer
+    assert all(blob.on_device is None for blob in blobs)
+
 
 def test_saved_attention_falls_back_to_recomputing_eager_attention(monkeypatch):
     from memtune.kernels import saved_attention_skip_reason

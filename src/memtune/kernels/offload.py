@@ -115,12 +115,17 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         with torch.enable_grad(), ctx.rng.replay(), replay_autocast(ctx.autocast), outputs_discarded(), \
                 replaying(ctx.attention):
             out = ctx.run(x, tensors)
-        ctx.attention = None
         wanted = [t for t, need in zip([x, *tensors, *ctx.params], needs) if need]
         grads_iter = iter(())
         if wanted and out.requires_grad:
             grads_iter = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True))
         del out
+        if ctx.attention is not None:
+            # the autograd graph (and this ctx) lives until the whole backward ends: let go of the
+            # layer's attention tensors now, or every layer's would pile up on the GPU
+            ctx.attention.release()
+            saved.extras.clear()
+            ctx.attention = None
         grads = [next(grads_iter, None) if need else None for need in needs]
         return (None, None, *grads)
 

@@ -166,6 +166,11 @@ class _Entry:
         for blob in self.blobs.values():
             blob.prefetch()
 
+    def release(self) -> None:
+        for blob in self.blobs.values():
+            blob.on_device = None
+        self.blobs, self.inputs, self.output, self.out_edge, self.input_edges = {}, (), None, None, []
+
 
 class AttentionRecord:
     """The attention calls of one layer in one forward pass, in call order."""
@@ -178,6 +183,12 @@ class AttentionRecord:
     def prefetch(self) -> None:
         for entry in self.entries:
             entry.prefetch()
+
+    def release(self) -> None:
+        """Drop every tensor of the record (after its layer's backward)."""
+        for entry in self.entries:
+            entry.release()
+        self.entries = []
 
 
 @contextlib.contextmanager
@@ -244,7 +255,7 @@ class _Replay(torch.autograd.Function):
         ctx.saved_tensors  # noqa: B018 - the in-place check
         entry, ctx.entry = ctx.entry, None
         grads = torch.autograd.grad([entry.out_edge], entry.input_edges, [grad], allow_unused=True)
-        entry.inputs, entry.blobs, entry.out_edge, entry.input_edges = (), {}, None, []
+        entry.release()
         return (None, *grads)
 
 
