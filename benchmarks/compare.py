@@ -649,6 +649,11 @@ def loss_agreement(records: list[dict], tolerance: float) -> list[str]:
     return problems
 
 
+def is_memtune_row(record: dict) -> bool:
+    """memtune's own stack or one of its --variant stacks (any name), by the command that ran it."""
+    return record.get("stack", "").startswith("memtune") or " -m memtune train " in record.get("command", "")
+
+
 def ratio_section(rows: list[dict]) -> list[str]:
     """Each memtune row against the leanest and the fastest other stack at the same length, cap and targets."""
     groups: dict[tuple, list[dict]] = {}
@@ -657,8 +662,8 @@ def ratio_section(rows: list[dict]) -> list[str]:
             groups.setdefault((r.get("lora_targets"), r.get("gpu_memory_cap"), r["seq_len"]), []).append(r)
     out = []
     for (targets, cap, seq_len), group in sorted(groups.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]), kv[0][2])):
-        others = [r for r in group if not r["stack"].startswith("memtune")]
-        ours = [r for r in group if r["stack"].startswith("memtune")]
+        others = [r for r in group if not is_memtune_row(r)]
+        ours = [r for r in group if is_memtune_row(r)]
         if not others or not ours:
             continue
         lean = min(others, key=lambda r: r["peak_allocated_bytes"])
@@ -710,14 +715,19 @@ def write_reports(out: Path, preset: str, tolerance: float) -> tuple[Path, Path 
         status = r.get("status", "?")
         if status != "ok" and r.get("error"):
             status += f" ({str(r['error'])[:60].replace('|', '/')})"
+        if r.get("note"):
+            status += " (note)"
         lines.append(
             f"| {r.get('lora_targets')} | {r.get('gpu_memory_cap') or '-'} | {r['seq_len']} | {r['stack']} | {status} "
             f"| {gb(r.get('peak_allocated_bytes'))} | {gb(r.get('peak_reserved_bytes'))} "
             f"| {gb(r.get('peak_host_rss_bytes'))} | {fmt(r.get('tokens_per_s'), ',.0f')} "
             f"| {fmt(r.get('step_time_s'), '.3f')} | {fmt(r.get('loss_step1'), '.4f')} |")
+    noted = [r for r in rows if r.get("note")]
+    if noted:
+        lines += [""] + [f"(note) {r['stack']} @ {r['seq_len']}: {r['note']}" for r in noted]
     variants = {}
     for r in records:
-        if r.get("stack", "").startswith("memtune") and r.get("preset", "r1-1.5b") == preset:
+        if is_memtune_row(r) and r.get("preset", "r1-1.5b") == preset:
             variants[r["stack"]] = (r.get("stack_args") or "", r.get("date", "")[:16])
     if variants:
         lines += ["", "memtune rows: `memtune train` with the defaults of the code at the row's date, plus:", ""]

@@ -4,10 +4,11 @@ Sources (all committed under benchmarks/results/):
 - h200-study-uncapped/results.sqlite: the `h200-memory` study without a cap.
 - h200-study-capped/results.sqlite: the same study under a 24 GiB cap (OOM rows
   have no finished peak and are listed without an error).
-- compare-h200.json: memtune's rows of the side-by-side comparison measured
-  from 2026-11-28T23:00Z on (bf16 LoRA matmuls and later). Their configuration
-  is rebuilt from the recorded command line over the defaults of that time
-  (`COMPARE_DEFAULTS`), with the preset of the same shape as the model.
+- compare-h200.json: memtune's rows (and its variants') of the side-by-side
+  comparison measured from 2026-11-28T23:00Z on (bf16 LoRA matmuls and later).
+  Their configuration is rebuilt from the recorded command line over the
+  defaults of that time (`COMPARE_DEFAULTS_SINCE`), with the preset of the same
+  shape as the model.
 
 Stored configurations that predate a field are read with the value the run
 had (`memtune.config.from_stored_dict`). The estimates are recomputed with the
@@ -41,11 +42,29 @@ def study_rows(name: str) -> list[dict]:
     return rows
 
 
-# memtune's defaults when the compare rows were measured (before the memory techniques were
-# switched on by default): flags on each command line override these.
-COMPARE_DEFAULTS = {"offload_activations": False, "tiled_mlp_chunk": 0, "embeddings_on_host": False,
-                    "fuse_elementwise": False, "loss_chunk_tokens": 4096, "lora_matmul": "compute"}
-COMPARE_SINCE = "2026-11-28T23:00"
+# memtune's defaults at the time each compare row was measured: flags on its command line
+# override them. Rows measured 2026-11-29T00:36-00:46 are left out (None): their build kept every
+# layer's saved attention on the GPU until the end of backward (fixed before the next run).
+_ON = {"offload_activations": True, "tiled_mlp_chunk": 4096, "embeddings_on_host": True,
+       "fuse_elementwise": True, "loss_chunk_tokens": 512, "lora_matmul": "compute"}
+COMPARE_DEFAULTS_SINCE: list[tuple[str, dict | None]] = [
+    # before the memory techniques were switched on by default
+    ("2026-11-28T23:00", {"offload_activations": False, "tiled_mlp_chunk": 0, "embeddings_on_host": False,
+                          "fuse_elementwise": False, "loss_chunk_tokens": 4096, "lora_matmul": "compute"}),
+    ("2026-11-29T00:00", {**_ON, "save_attention": False}),
+    ("2026-11-29T00:36", None),
+    ("2026-11-29T00:47", {**_ON, "save_attention": True}),
+    ("2026-11-29T01:10", {**_ON, "save_attention": True, "tiled_mlp_chunk": 8192}),
+]
+COMPARE_SINCE = COMPARE_DEFAULTS_SINCE[0][0]
+
+
+def defaults_at(date: str) -> dict | None:
+    found = None
+    for since, defaults in COMPARE_DEFAULTS_SINCE:
+        if date >= since:
+            found = defaults
+    return found
 
 
 def compare_rows() -> list[dict]:
@@ -57,12 +76,13 @@ def compare_rows() -> list[dict]:
     parser, _module = build_verb_parser("train")
     rows = []
     for record in json.loads((RESULTS / "compare-h200.json").read_text()):
-        if (not record.get("stack", "").startswith("memtune") or record.get("mode", "fixed") == "grad"
-                or record.get("date", "") < COMPARE_SINCE):
+        defaults = defaults_at(record.get("date", ""))
+        if (not record.get("command", "").split(" train ")[0].endswith("memtune")
+                or record.get("mode", "fixed") == "grad" or defaults is None):
             continue
         argv = shlex.split(record["command"])[4:]  # after: python -m memtune train
         flags = {k: v for k, v in vars(parser.parse_args(argv)).items() if k in FIELDS}
-        config = {**COMPARE_DEFAULTS, **flags, "model": "deepseek-r1-distill-qwen-1.5b", "out": "", "eval": False}
+        config = {**defaults, **flags, "model": "deepseek-r1-distill-qwen-1.5b", "out": "", "eval": False}
         config.pop("gpu_memory", None)
         rows.append({"config": config, "status": record.get("status"),
                      "measured_bytes": record.get("peak_allocated_bytes") if record.get("status") == "ok" else None,
@@ -74,8 +94,8 @@ def main() -> int:
     parts = [
         "# Estimated vs measured peak allocated memory (H200)",
         "",
-        "NVIDIA H200, torch 2.11.0, transformers 5.17.0, peft 0.21.0, bitsandbytes 0.50.2; 2026-11-28;",
-        "random weights; 5 steps per run. Estimates from `memtune estimate` (`memtune.estimate`),",
+        "NVIDIA H200, torch 2.11.0, transformers 5.17.0, peft 0.21.0, bitsandbytes 0.50.2; 2026-11-28 and 29;",
+        "random weights; 4-8 steps per run. Estimates from `memtune estimate` (`memtune.estimate`),",
         "recomputed by `benchmarks/estimate_vs_measured.py` from each run's configuration.",
         "",
         "## h200-memory study, no cap (h200-study-uncapped/results.sqlite)",

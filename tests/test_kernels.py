@@ -569,9 +569,13 @@ def test_compare_ratio_section():
     rows = [{**base, "stack": "unsloth", "peak_allocated_bytes": 4e9, "tokens_per_s": 100.0},
             {**base, "stack": "liger", "peak_allocated_bytes": 8e9, "tokens_per_s": 120.0},
             {**base, "stack": "memtune", "peak_allocated_bytes": 2e9, "tokens_per_s": 90.0},
-            {**base, "stack": "memtune", "seq_len": 8192, "peak_allocated_bytes": 2e9, "tokens_per_s": 90.0}]
+            {**base, "stack": "memtune", "seq_len": 8192, "peak_allocated_bytes": 2e9, "tokens_per_s": 90.0},
+            # a --variant row, named anything: one of memtune's, never an "other stack"
+            {**base, "stack": "tiled-8192", "command": "python -m memtune train --tiled-mlp-chunk 8192 ",
+             "peak_allocated_bytes": 1e9, "tokens_per_s": 200.0}]
     lines = compare.ratio_section(rows)
     assert "| qv | - | 4096 | memtune | 0.50x (unsloth) | 0.75x (liger) |" in lines
+    assert "| qv | - | 4096 | tiled-8192 | 0.25x (unsloth) | 1.67x (liger) |" in lines
     assert not any("| 8192 |" in line for line in lines)  # nothing to compare against at 8192
 
 

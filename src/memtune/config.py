@@ -67,8 +67,8 @@ class RunConfig:
 
     # --- memory techniques -------------------------------------------------
     # All on by default: measured together on the H200 (1.5B shape, 16384
-    # tokens) they take 2.14 GB instead of 5.29 GB and run 3% faster
-    # (benchmarks/results/compare-h200.md, rows memtune and memtune-lean-fused).
+    # tokens) they take 2.59 GB instead of 5.29 GB and run 16% faster
+    # (31,404 against 27,129 tokens/s; benchmarks/results/compare-h200.md).
     gradient_checkpointing: bool = True  # recompute activations: less memory, ~30% more time
     # Keep the checkpointed layer inputs in pinned host memory, copied on a
     # side stream: GPU activation memory no longer grows with depth. Needs
@@ -82,8 +82,11 @@ class RunConfig:
     save_attention: bool = True
     # Run the MLP over chunks of the sequence so its [tokens, intermediate]
     # tensors never exist whole. 0 = off; otherwise the chunk length in tokens
-    # (sequences no longer than one chunk run untiled).
-    tiled_mlp_chunk: int = 4096
+    # (sequences no longer than one chunk run untiled). 8192, not 4096: every
+    # chunk costs the same host-side launch work, and at 4096 an H200 step of
+    # the 1.5B shape at 16384 tokens waited on the CPU (0.65-0.79 s a step,
+    # varying) where 8192 ran a steady 0.52 s for 0.33 GB more.
+    tiled_mlp_chunk: int = 8192
     # Keep the frozen input-embedding table in pinned host memory and look the
     # batch's tokens up there: 0.47 GB less on the GPU for the 1.5B shape,
     # 1.05 GB for Llama-3.1-8B. Only on a CUDA GPU; kept on the GPU, with a

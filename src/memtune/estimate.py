@@ -729,6 +729,10 @@ def _activation_phases(shape: ModelShape, cfg: RunConfig, c: int, seq: int, toke
             # offloaded + tiled 1.5B runs at 65536 / 131072 tokens held 18-21 KB a token above the
             # terms before this one (benchmarks/results/estimate-vs-measured-h200.md).
             workspace += tokens * 3 * 4 * shape.hidden
+        else:
+            # the compiled RMSNorm's backward still makes one fp32 [tokens, hidden] temporary: the
+            # fused + tiled rows at 65536 / 131072 tokens held 2-5 KB a token above the terms before
+            workspace += tokens * 4 * shape.hidden
     workspace += dequantized_weight_bytes(shape, cfg, c)
     workspace += int8_matmul_workspace_bytes(shape, cfg, tokens)
 
