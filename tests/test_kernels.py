@@ -290,6 +290,48 @@ def test_saved_attention_keeps_one_copy_per_storage_and_no_q_k_v(monkeypatch):
     assert all(blob.on_device is None for blob in blobs)
 
 
+def _step_with(model, ids, labels, mask=None, positions=None, seed=3):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    loss = model(input_ids=ids, attention_mask=mask, position_ids=positions, labels=labels, use_cache=False).loss
+    loss.backward()
+    return loss.detach().float(), {n: p.grad.detach().float().clone()
+                                   for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("copies", [False, True], ids=["kept", "copied-and-rebuilt"])
+def test_saved_attention_with_padding_masks_packing_and_lora_dropout(copies, monkeypatch):
+    from memtune.kernels import saved_attention
+
+    monkeypatch.setattr(saved_attention, "COPY_OFF_CUDA", copies)
+    monkeypatch.setattr(saved_attention, "_KEEP_BELOW_BYTES", 0 if copies else 1 << 20)
+    base = _tiny_lora_model(torch.float32, dropout=0.2)
+    ids = torch.randint(0, 97, (2, 21), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0  # left padding: a mask tensor reaches sdpa, k and v are repeated per head
+    labels = ids.masked_fill(mask == 0, -100)
+    saving = copy.deepcopy(base)
+    enable_offloaded_checkpointing(saving, save_attention=True)
+    _assert_same(_step_with(saving, ids, labels, mask), _step_with(base, ids, labels, mask), torch.float32)
+    positions = torch.cat([torch.arange(9), torch.arange(12)])[None].repeat(2, 1)  # two packed documents
+    _assert_same(_step_with(saving, ids, ids, positions=positions), _step_with(base, ids, ids, positions=positions),
+                 torch.float32)
+
+
+def test_saved_attention_recomputes_layers_with_attention_dropout(monkeypatch):
+    base = _tiny_lora_model(torch.float32, dropout=0.2)
+    base.get_base_model().config.attention_dropout = 0.3
+    for layer in base.get_base_model().model.layers:
+        layer.self_attn.attention_dropout = 0.3
+    ids, labels = _batch()
+    plain = _step_with(base, ids, labels)
+    saving = copy.deepcopy(base)
+    enable_offloaded_checkpointing(saving, save_attention=True)
+    calls = _counting_sdpa(monkeypatch)
+    _assert_same(_step_with(saving, ids, labels), plain, torch.float32)
+    assert calls["n"] == 4  # forward and recompute: the dropout masks are drawn again, in order
+
+
 def test_saved_attention_falls_back_to_recomputing_eager_attention(monkeypatch):
     from memtune.kernels import saved_attention_skip_reason
 

@@ -26,8 +26,9 @@ layer at 16384 tokens for the 1.5B shape.
 The hook is transformers' attention registry: "sdpa" is wrapped by a function
 that calls the original unless a layer is being recorded or replayed, so
 every other use of the model (eval, generation, other models) is untouched.
-Anything the replay cannot match (another attention implementation, a layer
-calling attention a different number of times) falls back to recomputing.
+Anything the replay cannot match (another attention implementation, attention
+dropout, a layer calling attention a different number of times) falls back to
+recomputing.
 """
 
 from __future__ import annotations
@@ -219,6 +220,10 @@ def _tensor_args(values) -> list[torch.Tensor]:
 
 def _record_call(record: AttentionRecord, original: Callable, module, query, key, value, attention_mask,
                  args, kwargs):
+    if kwargs.get("dropout"):
+        # Attention dropout draws random numbers; a recompute that skipped it would shift every later
+        # draw of the layer (LoRA dropout masks) away from the forward's. Such a layer recomputes.
+        return original(module, query, key, value, attention_mask, *args, **kwargs)
     entry = _Entry(record.copy_off_cuda)
     anchor = torch.empty(0, requires_grad=True)
     with torch.enable_grad():
