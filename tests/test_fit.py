@@ -82,3 +82,20 @@ def test_host_memory_is_shown_and_can_be_a_limit(capsys):
     assert "host" in capsys.readouterr().out
     assert main(["fit", "--model", PRESET, "--gpu-memory", "24GiB", "--host-memory", "lots"]) == 2
     assert "--host-memory" in capsys.readouterr().err
+
+
+def test_offloading_with_and_without_saved_attention_and_host_budget():
+    result = fit_configurations(RunConfig(model="llama-3.1-8b"), 24 * GIB)
+    at_131k = {c.checkpointing(): c for c in result.fits if c.estimate.seq_len == 131072 and c.cfg.quantization == "nf4"}
+    assert {"offload", "offload-ra"} <= at_131k.keys()
+    # attention kept from the forward: more host memory (and a little more GPU memory), ranked first
+    assert at_131k["offload"].host_bytes > at_131k["offload-ra"].host_bytes
+    assert at_131k["offload"].needed_bytes > at_131k["offload-ra"].needed_bytes
+    assert result.fits.index(at_131k["offload"]) < result.fits.index(at_131k["offload-ra"])
+    # a host budget between the two leaves only the recomputing one
+    budget = (at_131k["offload"].host_bytes + at_131k["offload-ra"].host_bytes) // 2
+    capped = fit_configurations(RunConfig(model="llama-3.1-8b"), 24 * GIB, host_budget_bytes=budget)
+    assert {c.checkpointing() for c in capped.fits if c.estimate.seq_len == 131072} == {"offload-ra"}
+    # fixed by the user: not varied
+    fixed = fit_configurations(RunConfig(model="llama-3.1-8b", save_attention=False), 24 * GIB, fixed={"save_attention"})
+    assert all(c.checkpointing() != "offload" for c in fixed.fits)

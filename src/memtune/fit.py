@@ -3,7 +3,8 @@
 Searches, for the model and task of the given flags, over
     seq_len                 powers of two from 1024 to max_position_embeddings (or the one given)
     quantization            nf4, int8, none (or the one given)
-    gradient_checkpointing  off, on, on with offloaded activations (or as given)
+    gradient_checkpointing  off, on, on with offloaded activations (with attention kept from the
+                            forward, and without: `offload-ra`, half the host memory; or as given)
 keeping every other field as typed (lora_rank, batch_size ... default otherwise), and
 lists the configurations whose predicted peak (plus the CUDA context) is within the
 budget, ranked: longest sequence first, then the least aggressive quantization
@@ -57,13 +58,14 @@ class Candidate:
 
     def checkpointing(self) -> str:
         if self.cfg.offloads_checkpoints:
-            return "offload"
+            return "offload" if self.cfg.saves_attention else "offload-ra"
         return "on" if self.cfg.gradient_checkpointing else "off"
 
     def to_dict(self) -> dict[str, Any]:
         return {"seq_len": self.estimate.seq_len, "quantization": self.cfg.quantization,
                 "gradient_checkpointing": self.cfg.gradient_checkpointing,
-                "offload_activations": self.cfg.offload_activations, "lora_rank": self.cfg.lora_rank,
+                "offload_activations": self.cfg.offload_activations, "save_attention": self.cfg.saves_attention,
+                "lora_rank": self.cfg.lora_rank,
                 "batch_size": self.cfg.batch_size, "predicted_bytes": self.estimate.total_bytes,
                 "needed_bytes": self.needed_bytes, "headroom_bytes": self.headroom_bytes,
                 "host_bytes": self.host_bytes}
@@ -96,18 +98,22 @@ def search_space(base: RunConfig, fixed: set[str], max_positions: int) -> Iterab
     else:
         quants = list(QUANT_PREFERENCE)
     if "offload_activations" in fixed or "gradient_checkpointing" in fixed:
-        ckpts = [(base.gradient_checkpointing, base.offload_activations)]
+        ckpts = [(base.gradient_checkpointing, base.offload_activations, base.save_attention)]
     else:
-        ckpts = [(False, False), (True, False), (True, True)]
+        ckpts = [(False, False, base.save_attention), (True, False, base.save_attention),
+                 (True, True, base.save_attention)]
+    if "save_attention" not in fixed and base.save_attention and any(offload for _, offload, _ in ckpts):
+        ckpts.append((True, True, False))  # attention recomputed: half the host memory of offloading
     for seq in seqs:
         for quant in quants:
-            for ckpt, offload in ckpts:
+            for ckpt, offload, save in ckpts:
                 yield base.replace(seq_len=seq, quantization=quant, gradient_checkpointing=ckpt,
-                                   offload_activations=offload)
+                                   offload_activations=offload, save_attention=save)
 
 
 def _rank_key(cand: Candidate, seq_fixed: bool) -> tuple:
-    techniques = int(cand.cfg.gradient_checkpointing) + int(cand.cfg.offloads_checkpoints)
+    techniques = (int(cand.cfg.gradient_checkpointing) + int(cand.cfg.offloads_checkpoints)
+                  + int(cand.cfg.offloads_checkpoints and not cand.cfg.saves_attention))
     quant = QUANT_PREFERENCE.index(cand.cfg.quantization) if cand.cfg.quantization in QUANT_PREFERENCE else 9
     return (0 if seq_fixed else -cand.estimate.seq_len, quant, techniques, cand.needed_bytes)
 
@@ -122,7 +128,8 @@ def fit_configurations(base: RunConfig, budget_bytes: int, fixed: Iterable[str] 
     candidates, seen = [], set()
     for cfg in search_space(base, fixed, shape.max_positions):
         est = estimate_for_shape(cfg, shape)
-        key = (est.seq_len, cfg.quantization, cfg.gradient_checkpointing, cfg.offload_activations)
+        key = (est.seq_len, cfg.quantization, cfg.gradient_checkpointing, cfg.offloads_checkpoints,
+               cfg.saves_attention)
         if key in seen:  # seq_len capped to the same length twice
             continue
         seen.add(key)
@@ -139,11 +146,11 @@ def _describe(c: Candidate) -> str:
 
 
 def format_table(result: FitResult, budget_bytes: int, top: int) -> str:
-    header = (f"{'seq_len':>8}  {'quant':<5}  {'ckpt':<7}  {'rank':>4}  {'batch':>5}  {'predicted':>10}  "
+    header = (f"{'seq_len':>8}  {'quant':<5}  {'ckpt':<10}  {'rank':>4}  {'batch':>5}  {'predicted':>10}  "
               f"{'headroom':>10}  {'host':>10}")
     lines = [header, "-" * len(header)]
     for c in result.fits[:top]:
-        lines.append(f"{c.estimate.seq_len:>8}  {c.cfg.quantization:<5}  {c.checkpointing():<7}  "
+        lines.append(f"{c.estimate.seq_len:>8}  {c.cfg.quantization:<5}  {c.checkpointing():<10}  "
                      f"{c.cfg.lora_rank:>4}  {c.cfg.batch_size or 'auto':>5}  {c.needed_bytes / GIB:>6.2f} GiB  "
                      f"{c.headroom_bytes / GIB:>6.2f} GiB  {c.host_bytes / GIB:>6.2f} GiB")
     more = len(result.fits) - top
@@ -151,6 +158,9 @@ def format_table(result: FitResult, budget_bytes: int, top: int) -> str:
         lines.append(f"... and {more} more (--top N to show them)")
     lines.append(f"{len(result.fits)} of {result.searched} configurations fit {gib(budget_bytes)} "
                  f"(predicted peak allocated + CUDA context); host = tensors kept in host memory")
+    if any(c.checkpointing() == "offload-ra" for c in result.fits[:top]):
+        lines.append("offload-ra = offloaded checkpoints with attention recomputed in backward (--no-save-attention): "
+                     "half the host memory of `offload`, slower")
     return "\n".join(lines)
 
 
