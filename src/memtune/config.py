@@ -95,6 +95,12 @@ class RunConfig:
     # Compile each RMSNorm and the MLP's silu(gate) * up into fused kernels
     # (torch.compile, same math; the first steps compile). CUDA GPUs only.
     fuse_elementwise: bool = True
+    # Frozen 4-bit linears (nf4/fp4 LoRA) on memtune's own short path: one
+    # dequantize and one matmul each way instead of bitsandbytes' layers of
+    # Python, and inside a tiled MLP each weight dequantized once for all its
+    # chunks (the MLP's weights held for that loop: 83 MB for the 1.5B shape).
+    # Less host work per chunk. Off until measured on a GPU.
+    dequantize_once: bool = False
     # chunked = never materialise the [tokens, vocab] logits (loss and its
     # gradient computed a chunk of tokens at a time); full = model's own loss.
     loss: LossImpl = "chunked"
@@ -309,7 +315,7 @@ def from_dict(values: dict[str, Any], source: str = "config") -> RunConfig:
 # Fields added after results were first stored, with the value a run made before
 # them had: a stored config without the key is read back as what actually ran.
 LEGACY_VALUES: dict[str, Any] = {"lora_matmul": "fp32", "embeddings_on_host": False, "fuse_elementwise": False,
-                                 "save_attention": False}
+                                 "save_attention": False, "dequantize_once": False}
 
 
 def from_stored_dict(values: dict[str, Any]) -> RunConfig:

@@ -734,6 +734,11 @@ def _activation_phases(shape: ModelShape, cfg: RunConfig, c: int, seq: int, toke
             # fused + tiled rows at 65536 / 131072 tokens held 2-5 KB a token above the terms before
             workspace += tokens * 4 * shape.hidden
     workspace += dequantized_weight_bytes(shape, cfg, c)
+    if cfg.dequantize_once and cfg.quantization in ("nf4", "fp4") and tiles_mlp(cfg, seq):
+        # the tiled MLP's chunk loop holds all of its dequantized weights, not one at a time
+        mlp = [lin for lin in shape.layer_linears() if lin.name in ("gate_proj", "up_proj", "down_proj")]
+        workspace += sum(_round(lin.in_features * lin.out_features * c) for lin in mlp) - \
+            dequantized_weight_bytes(shape, cfg, c)
     workspace += int8_matmul_workspace_bytes(shape, cfg, tokens)
 
     lm_tokens = cfg.batch_size * max(seq - 1, 1)

@@ -353,6 +353,10 @@ def build_model(cfg: RunConfig) -> BuiltModel:
         from memtune.kernels import enable_frozen_int8_backward
 
         enable_frozen_int8_backward(model)
+    if cfg.dequantize_once and cfg.quantization in ("nf4", "fp4"):
+        from memtune.kernels import enable_frozen_4bit_linears
+
+        notes.append(f"dequantize_once: {enable_frozen_4bit_linears(model)} frozen 4-bit linears on memtune's short path")
     if cfg.lora:
         model = add_lora(model, cfg)
     else:

@@ -9,11 +9,13 @@
     enable_host_embeddings(model) -> str | None      # disable_host_embeddings(model); None = moved
 
     enable_frozen_int8_backward(model) -> int        # int8 linears keep no input for backward
+    enable_frozen_4bit_linears(model) -> int         # frozen 4-bit linears on a short path (dequantize_once)
 
 All patches act on module instances, never on library classes.
 """
 
 from memtune.kernels.cross_entropy import chunked_linear_cross_entropy, effective_chunk_tokens
+from memtune.kernels.frozen_4bit import dequantized_once, disable_frozen_4bit_linears, enable_frozen_4bit_linears
 from memtune.kernels.fused import disable_fused_elementwise, enable_fused_elementwise
 from memtune.kernels.host_embedding import (
     disable_host_embeddings,
@@ -33,6 +35,9 @@ from memtune.kernels.offload import (
 from memtune.kernels.tiled_mlp import disable_tiled_mlp, enable_tiled_mlp, tiled_mlp_chunk
 
 __all__ = [
+    "dequantized_once",
+    "enable_frozen_4bit_linears",
+    "disable_frozen_4bit_linears",
     "enable_frozen_int8_backward",
     "chunked_linear_cross_entropy",
     "effective_chunk_tokens",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -44,6 +44,14 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     if not best:
         raise ValueError(f"no decoder layers found in {type(root).__name__}")
     return best
+
+
+def swap_forward(module: nn.Module, attr: str, make_forward: Callable[[nn.Module, Callable], Callable]) -> None:
+    """Give the instance `module` the forward `make_forward(module, original)`, once; record the
+    original in `module.<attr>` for `restore_forward`."""
+    if module.__dict__.get(attr) is None:
+        setattr(module, attr, {"had_own_forward": "forward" in module.__dict__, "original": module.forward})
+        module.forward = make_forward(module, module.__dict__[attr]["original"])
 
 
 def restore_forward(module: nn.Module, attr: str) -> dict[str, Any] | None:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memtune.kernels._common import base_model, restore_forward
+from memtune.kernels._common import base_model, restore_forward, swap_forward
 
 __all__ = ["enable_compute_dtype_lora", "disable_compute_dtype_lora"]
 
@@ -77,13 +77,10 @@ def _make_forward(module: nn.Module, original: Callable) -> Callable:
 
 def enable_compute_dtype_lora(model: nn.Module) -> int:
     """Run every plain LoRA adapter of `model` in its input's dtype; returns the number of modules. Idempotent."""
-    count = 0
-    for module in _lora_modules(model):
-        if module.__dict__.get(_ATTR) is None:
-            setattr(module, _ATTR, {"had_own_forward": "forward" in module.__dict__, "original": module.forward})
-            module.forward = _make_forward(module, module.__dict__[_ATTR]["original"])
-        count += 1
-    return count
+    modules = _lora_modules(model)
+    for module in modules:
+        swap_forward(module, _ATTR, _make_forward)
+    return len(modules)
 
 
 def disable_compute_dtype_lora(model: nn.Module) -> int:

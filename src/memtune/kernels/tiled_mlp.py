@@ -35,6 +35,7 @@ from torch import nn
 
 from memtune.kernels._common import (RngState, autocast_state, decoder_layers, outputs_are_discarded, replay_autocast,
                                      restore_forward, trainable_params)
+from memtune.kernels.frozen_4bit import dequantized_once
 
 __all__ = ["enable_tiled_mlp", "disable_tiled_mlp", "tiled_mlp_chunk"]
 
@@ -44,7 +45,7 @@ _ATTR = "_memtune_tiled_mlp"
 def _chunked_forward(run: Callable, chunk: int, x: torch.Tensor) -> torch.Tensor:
     out = None
     start = 0
-    with torch.no_grad():
+    with torch.no_grad(), dequantized_once():  # frozen 4-bit weights: dequantized once for all chunks
         for piece in x.split(chunk, dim=-2):
             y = run(piece)
             if out is None:
@@ -83,7 +84,7 @@ class _TiledMLP(torch.autograd.Function):
         x = x.detach()
         start = 0
         # the chunks run in the forward's order, so dropout draws the same masks
-        with torch.enable_grad(), ctx.rng.replay(), replay_autocast(ctx.autocast):
+        with torch.enable_grad(), ctx.rng.replay(), replay_autocast(ctx.autocast), dequantized_once():
             for piece in x.split(ctx.chunk, dim=-2):
                 n = piece.shape[-2]
                 piece = piece.detach().requires_grad_(need_x)

@@ -1,0 +1,118 @@
+"""Frozen 4-bit linears on a short path, each weight dequantized once per tiled-MLP pass.
+
+A profile of one 16384-token H200 step of the 1.5B shape
+(`benchmarks/results/profile-16k-saved-attention-h200.txt`) shows the host
+as the bottleneck when the MLP is tiled in 4096-token chunks: about 100 ms
+of host time go to bitsandbytes' Python layers (Linear4bit.forward,
+matmul_4bit, the MatMul4Bit autograd function, the gemm_4bit custom op), and
+a tiled MLP calls each of them once per chunk, forward and backward, each
+call dequantizing the same weight again.
+
+For a frozen weight (LoRA) the arithmetic is short: y = x @ W.T + b with
+W = dequantize(codes), and dL/dx = dL/dy @ W. `_Frozen4bitLinear` does just
+that, with bitsandbytes' own `dequantize_4bit`, and keeps nothing per token.
+Inside `dequantized_once()` (a tiled MLP's chunk loop) each layer's W is
+dequantized on first use and reused by every chunk: for the 1.5B shape the
+three MLP weights are 83 MB in bf16, for Llama-3.1-8B 352 MB, held for
+that loop only. Outside a scope the path dequantizes per call, as
+bitsandbytes does.
+
+Only the plain case takes the path: training mode, a weight that does not
+train, the input already in the layer's compute dtype, a bias (if any) of
+that dtype that does not train, and a weight in bitsandbytes' standard
+layout. Everything else calls the layer's own forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memtune.kernels._common import restore_forward, swap_forward
+
+__all__ = ["enable_frozen_4bit_linears", "disable_frozen_4bit_linears", "dequantized_once"]
+
+_ATTR = "_memtune_frozen_4bit"
+_SCOPE = threading.local()  # .cache: {id(layer): W} inside dequantized_once(), else None
+
+
+@contextlib.contextmanager
+def dequantized_once() -> Iterator[None]:
+    """Within this block each frozen 4-bit linear dequantizes its weight once (nested: the outer block rules)."""
+    if getattr(_SCOPE, "cache", None) is not None:
+        yield
+        return
+    _SCOPE.cache = {}
+    try:
+        yield
+    finally:
+        _SCOPE.cache = None
+
+
+def _weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """W [out, in] in `dtype`: from the scope's cache, or dequantized now (and cached in a scope)."""
+    import bitsandbytes.functional as bnbf
+
+    cache = getattr(_SCOPE, "cache", None)
+    weight = cache.get(id(layer)) if cache is not None else None
+    if weight is None or weight.dtype != dtype:
+        weight = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)
+        if cache is not None:
+            cache[id(layer)] = weight
+    return weight
+
+
+class _Frozen4bitLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.layer = layer  # a module reference: nothing per token is kept
+        return F.linear(x, _weight(layer, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        return torch.matmul(grad_out, _weight(ctx.layer, grad_out.dtype)), None, None
+
+
+def _takes_short_path(layer: nn.Module, x: torch.Tensor) -> bool:
+    weight, bias = layer.weight, layer.bias
+    state = getattr(weight, "quant_state", None)
+    return (layer.training and isinstance(x, torch.Tensor)
+            and state is not None and not weight.requires_grad
+            and getattr(layer, "compute_dtype", None) == x.dtype and x.numel() > x.shape[-1]
+            and not getattr(state, "packing_format_for_cpu", False)
+            and (bias is None or (bias.dtype == x.dtype and not bias.requires_grad)))
+
+
+def _make_forward(layer: nn.Module, original: Callable) -> Callable:
+    def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if args or kwargs or not _takes_short_path(layer, x):
+            return original(x, *args, **kwargs)
+        return _Frozen4bitLinear.apply(x, layer, layer.bias)
+
+    return forward
+
+
+def _four_bit_linears(model: nn.Module) -> list[nn.Module]:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return []
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def enable_frozen_4bit_linears(model: nn.Module) -> int:
+    """Give every bitsandbytes Linear4bit of `model` the short frozen-weight path; returns how many. Idempotent."""
+    layers = _four_bit_linears(model)
+    for layer in layers:
+        swap_forward(layer, _ATTR, _make_forward)
+    return len(layers)
+
+
+def disable_frozen_4bit_linears(model: nn.Module) -> int:
+    """Undo `enable_frozen_4bit_linears`; returns the number of layers restored."""
+    return sum(restore_forward(layer, _ATTR) is not None for layer in _four_bit_linears(model))
