@@ -261,3 +261,22 @@ def test_compare_to_measurements_table():
                                      {"config": cfg, "measured_bytes": None, "status": "oom"}])
     assert "| run | measured | estimated | error |" in table
     assert "-9.1%" in table and "oom" in table
+
+
+def test_saved_attention_and_dequantize_once_terms():
+    saved = estimate_memory(RunConfig(model=PRESET, seq_len=65536))
+    recomputed = estimate_memory(RunConfig(model=PRESET, seq_len=65536, save_attention=False))
+    # each layer's attention output in host memory; the recomputed layer's and the prefetched one on the GPU
+    per_layer = 65536 * 12 * 128 * 2 + 65536 * 12 * 4
+    assert saved.host_bytes["saved_attention"] == pytest.approx(28 * per_layer, rel=0.01)
+    assert "saved_attention" not in recomputed.host_bytes
+    assert saved.total_bytes - recomputed.total_bytes == pytest.approx(2 * per_layer, rel=0.05)
+    # save_attention acts only with offloaded checkpoints
+    plain = dict(seq_len=65536, offload_activations=False)
+    assert _total(**plain) == _total(**plain, save_attention=False)
+    # dequantize_once holds the MLP's three dequantized weights during a tiled pass (4-bit only)
+    once = _total(seq_len=65536, dequantize_once=True)
+    assert once > _total(seq_len=65536)
+    assert _total(seq_len=4096, dequantize_once=True) == _total(seq_len=4096)  # one chunk: not tiled
+    assert _total(seq_len=65536, quantization="int8", dequantize_once=True) == _total(seq_len=65536,
+                                                                                      quantization="int8")
