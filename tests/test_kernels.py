@@ -524,22 +524,26 @@ def test_kernels_survive_eval_and_generation():
     loss.backward()
 
 
-def _with_4bit_mlps(model, dtype=torch.float32):
-    """The tiny model with its (non-LoRA) MLP linears quantized to NF4, as a quantized load leaves them."""
+def _with_4bit_mlps(model, dtype=torch.float32, attention=()):
+    """The tiny model with its (non-LoRA) MLP linears, and the `attention` ones named, quantized to NF4,
+    as a quantized load leaves them."""
     bnb = pytest.importorskip("bitsandbytes")
     base = model.get_base_model()
     for layer in base.model.layers:
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            lin = getattr(layer.mlp, name)
-            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=dtype,
+        for owner, name in [(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")] + \
+                [(layer.self_attn, n) for n in attention]:
+            lin = getattr(owner, name)
+            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None, compute_dtype=dtype,
                                   quant_type="nf4")
             q.weight = bnb.nn.Params4bit(lin.weight.data.float().clone(), requires_grad=False, quant_type="nf4")
+            if lin.bias is not None:
+                q.bias = torch.nn.Parameter(lin.bias.data.to(dtype).clone(), requires_grad=False)
             try:
                 q = q.to("cpu")
                 q(torch.randn(1, lin.in_features, dtype=dtype))
             except Exception as exc:  # noqa: BLE001 - a build without CPU 4-bit kernels
                 pytest.skip(f"bitsandbytes 4-bit does not run on this CPU build: {exc}")
-            setattr(layer.mlp, name, q)
+            setattr(owner, name, q)
     model.train()
     return model
 
@@ -561,20 +565,22 @@ def _count_dequantize(monkeypatch):
 def test_frozen_4bit_short_path_matches_bitsandbytes_and_dequantizes_once_per_tiled_pass(dtype, monkeypatch):
     from memtune.kernels import disable_frozen_4bit_linears, enable_frozen_4bit_linears
 
-    model = _with_4bit_mlps(_tiny_lora_model(dtype, targets=("q_proj", "v_proj")), dtype)
+    # k_proj (with a bias) and o_proj quantized too; q and v carry LoRA
+    model = _with_4bit_mlps(_tiny_lora_model(dtype, targets=("q_proj", "v_proj")), dtype, ("k_proj", "o_proj"))
     ids, labels = _batch(seq=40)
     plain = _step(model, ids, labels)
     short = copy.deepcopy(model)
-    assert enable_frozen_4bit_linears(short) == 6
+    assert enable_frozen_4bit_linears(short) == 10
     enable_offloaded_checkpointing(short, save_attention=True)
     enable_tiled_mlp(short, 10)  # 4 chunks
     _assert_same(_step(short, ids, labels), plain, dtype)
     calls = _count_dequantize(monkeypatch)
     _step(short, ids, labels)
-    # per MLP weight: once in the no-grad forward, once in the tiled backward (recompute and
-    # gradients) instead of once per chunk in each: 2 x 3 weights x 2 layers, not 3 x 4 x 3 x 2
-    assert calls["n"] == 12
-    assert disable_frozen_4bit_linears(short) == 6
+    # per layer: forward k, o once each and the MLP's three once for all chunks; backward (recompute
+    # and gradients together) the same five once: 10 a layer, where per call it would be
+    # 2 + 3 x 4 forward and 2 x 2 + 3 x 4 x 2 backward = 42
+    assert calls["n"] == 2 * 10
+    assert disable_frozen_4bit_linears(short) == 10
     with torch.no_grad():  # eval and generation keep bitsandbytes' own path
         short.eval()
         short(input_ids=ids[:, :1])

@@ -97,9 +97,10 @@ class RunConfig:
     fuse_elementwise: bool = True
     # Frozen 4-bit linears (nf4/fp4 LoRA) on memtune's own short path: one
     # dequantize and one matmul each way instead of bitsandbytes' layers of
-    # Python, and inside a tiled MLP each weight dequantized once for all its
-    # chunks (the MLP's weights held for that loop: 83 MB for the 1.5B shape).
-    # Less host work per chunk. Off until measured on a GPU.
+    # Python; each weight dequantized once per offloaded layer backward (not
+    # for the recompute and again for the gradients) and once per tiled-MLP
+    # pass (not per chunk). Holds a layer's dequantized weights meanwhile
+    # (77 MB for the 1.5B shape). Less host work. Off until measured on a GPU.
     dequantize_once: bool = False
     # chunked = never materialise the [tokens, vocab] logits (loss and its
     # gradient computed a chunk of tokens at a time); full = model's own loss.

@@ -564,6 +564,21 @@ def dequantized_weight_bytes(shape: ModelShape, cfg: RunConfig, dtype_bytes: int
     return _round(largest * dtype_bytes)
 
 
+def dequantized_once_extra_bytes(shape: ModelShape, cfg: RunConfig, dtype_bytes: int, seq: int) -> int:
+    """dequantize_once holds dequantized weights for a whole pass instead of one at a time: a layer's
+    all through its offloaded recompute and backward, else the MLP's through a tiled pass."""
+    if not (cfg.dequantize_once and cfg.quantization in ("nf4", "fp4")):
+        return 0
+    if cfg.offloads_checkpoints:
+        held = shape.layer_linears()
+    elif tiles_mlp(cfg, seq):
+        held = [lin for lin in shape.layer_linears() if lin.name in ("gate_proj", "up_proj", "down_proj")]
+    else:
+        return 0
+    return sum(_round(lin.in_features * lin.out_features * dtype_bytes) for lin in held) - \
+        dequantized_weight_bytes(shape, cfg, dtype_bytes)
+
+
 def int8_matmul_workspace_bytes(shape: ModelShape, cfg: RunConfig, tokens: int) -> int:
     """bitsandbytes' int8 matmul accumulates in int32 before scaling back: a transient
     tokens x out_features x 4 bytes for the widest linear (gate/up: the intermediate size).
@@ -734,11 +749,7 @@ def _activation_phases(shape: ModelShape, cfg: RunConfig, c: int, seq: int, toke
             # fused + tiled rows at 65536 / 131072 tokens held 2-5 KB a token above the terms before
             workspace += tokens * 4 * shape.hidden
     workspace += dequantized_weight_bytes(shape, cfg, c)
-    if cfg.dequantize_once and cfg.quantization in ("nf4", "fp4") and tiles_mlp(cfg, seq):
-        # the tiled MLP's chunk loop holds all of its dequantized weights, not one at a time
-        mlp = [lin for lin in shape.layer_linears() if lin.name in ("gate_proj", "up_proj", "down_proj")]
-        workspace += sum(_round(lin.in_features * lin.out_features * c) for lin in mlp) - \
-            dequantized_weight_bytes(shape, cfg, c)
+    workspace += dequantized_once_extra_bytes(shape, cfg, c, seq)
     workspace += int8_matmul_workspace_bytes(shape, cfg, tokens)
 
     lm_tokens = cfg.batch_size * max(seq - 1, 1)

@@ -11,10 +11,12 @@ call dequantizing the same weight again.
 For a frozen weight (LoRA) the arithmetic is short: y = x @ W.T + b with
 W = dequantize(codes), and dL/dx = dL/dy @ W. `_Frozen4bitLinear` does just
 that, with bitsandbytes' own `dequantize_4bit`, and keeps nothing per token.
-Inside `dequantized_once()` (a tiled MLP's chunk loop) each layer's W is
-dequantized on first use and reused by every chunk: for the 1.5B shape the
-three MLP weights are 83 MB in bf16, for Llama-3.1-8B 352 MB, held for
-that loop only. Outside a scope the path dequantizes per call, as
+Inside `dequantized_once()` each W is dequantized on first use and reused:
+an offloaded checkpoint's recompute and backward open one (the layer's seven
+weights, dequantized once instead of twice: 77 MB in bf16 for the 1.5B
+shape, 436 MB for Llama-3.1-8B, held for that layer's backward), and so does
+a tiled MLP's chunk loop (its three weights, once for all chunks instead of
+once per chunk). Outside a scope the path dequantizes per call, as
 bitsandbytes does.
 
 Only the plain case takes the path: training mode, a weight that does not

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from memtune.kernels.frozen_4bit import dequantized_once
 from memtune.kernels.host_copy import HostCopy
 from memtune.kernels.saved_attention import (AttentionRecord, install_attention_hook, recording, replaying,
                                              saved_attention_supported)
@@ -111,15 +112,17 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         n_grad = ctx.n_grad_tensors
         x = hidden.detach().requires_grad_(needs[0])
         tensors = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs[1:1 + n_grad])]
-        # only the recomputed graph is used below, never `out`'s values (outputs_discarded)
-        with torch.enable_grad(), ctx.rng.replay(), replay_autocast(ctx.autocast), outputs_discarded(), \
-                replaying(ctx.attention):
-            out = ctx.run(x, tensors)
         wanted = [t for t, need in zip([x, *tensors, *ctx.params], needs) if need]
         grads_iter = iter(())
-        if wanted and out.requires_grad:
-            grads_iter = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True))
-        del out
+        # frozen 4-bit weights on the short path: dequantized once for the recompute and the gradients
+        with dequantized_once():
+            # only the recomputed graph is used below, never `out`'s values (outputs_discarded)
+            with torch.enable_grad(), ctx.rng.replay(), replay_autocast(ctx.autocast), outputs_discarded(), \
+                    replaying(ctx.attention):
+                out = ctx.run(x, tensors)
+            if wanted and out.requires_grad:
+                grads_iter = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True))
+            del out
         if ctx.attention is not None:
             # the autograd graph (and this ctx) lives until the whole backward ends: let go of the
             # layer's attention tensors now, or every layer's would pile up on the GPU
