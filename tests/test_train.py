@@ -144,3 +144,21 @@ def test_host_memory_warning_and_meminfo(tmp_path):
     assert not host_memory_warning(None, 2**30, lines.append)
     assert not host_memory_warning(estimate, None, lines.append)  # unknown free memory: say nothing
     assert len(lines) == 1
+
+
+def test_saved_attention_dropped_when_the_host_is_short():
+    from memtune.estimate import estimate_memory
+    from memtune.train import _estimate, drop_saved_attention_if_host_short
+
+    cfg = RunConfig(model="deepseek-r1-distill-qwen-1.5b", seq_len=131072)
+    est = _estimate(cfg, print)
+    need = sum(est["host_bytes"].values())
+    without = sum(estimate_memory(cfg.replace(save_attention=False)).host_bytes.values())
+    lines = []
+    kept, kept_est = drop_saved_attention_if_host_short(cfg, est, 2 * need, lines.append)
+    assert kept is cfg and kept_est is est and not lines
+    short, short_est = drop_saved_attention_if_host_short(cfg, est, (need + without) // 2, lines.append)
+    assert not short.save_attention and "saved_attention" not in short_est["host_bytes"]
+    assert len(lines) == 1 and lines[0].startswith("save_attention: off")
+    unknown, _ = drop_saved_attention_if_host_short(cfg, est, None, lines.append)
+    assert unknown is cfg and len(lines) == 1

@@ -194,7 +194,9 @@ def run(cfg: RunConfig, out_dir: Path, log: Callable[[str], None] = print, progr
     metrics["git_commit"] = provenance.git_commit()
     metrics["estimate"] = _estimate(cfg, log)
     if device.type == "cuda":
-        host_memory_warning(metrics["estimate"], measure.available_host_memory(), log)
+        available = measure.available_host_memory()
+        cfg, metrics["estimate"] = drop_saved_attention_if_host_short(cfg, metrics["estimate"], available, log)
+        host_memory_warning(metrics["estimate"], available, log)
 
     session = setup(cfg, log)
     # Only now, with the model and data known good, does the run directory appear.
@@ -255,6 +257,26 @@ def _estimate(cfg: RunConfig, log: Callable[[str], None]) -> dict[str, Any] | No
             "host_bytes": {k: int(v) for k, v in estimate.host_bytes.items()}}
 
 
+def _host_need(estimate: dict[str, Any] | None) -> int:
+    return sum((estimate or {}).get("host_bytes", {}).values())
+
+
+def drop_saved_attention_if_host_short(cfg: RunConfig, estimate: dict[str, Any] | None, available: int | None,
+                                       log: Callable[[str], None]) -> tuple[RunConfig, dict[str, Any] | None]:
+    """Switch save_attention off (one line says so) when its host copies would overfill the free RAM.
+
+    Saved attention doubles what offloading keeps in host memory (65 GB for an 8B model at 131072
+    tokens, against 33 GB). Recomputing attention is slower but does not get the run killed.
+    """
+    if not cfg.saves_attention or not available or _host_need(estimate) <= 0.9 * available:
+        return cfg, estimate
+    saved = (estimate or {}).get("host_bytes", {}).get("saved_attention", 0)
+    log(f"save_attention: off for this run, its {gib(saved)} of host memory would not fit beside the rest in "
+        f"the {gib(available)} free; attention is recomputed in backward instead")
+    cfg = cfg.replace(save_attention=False)
+    return cfg, _estimate(cfg, log)
+
+
 def host_memory_warning(estimate: dict[str, Any] | None, available: int | None,
                         log: Callable[[str], None]) -> bool:
     """Warn (one line) when the tensors this run keeps in host memory may not fit in the free RAM.
@@ -262,7 +284,7 @@ def host_memory_warning(estimate: dict[str, Any] | None, available: int | None,
     A run the kernel kills for memory leaves no metrics behind; saying so first is
     cheaper. Only a warning: the estimate leaves out the process itself.
     """
-    need = sum((estimate or {}).get("host_bytes", {}).values())
+    need = _host_need(estimate)
     if not need or not available or need <= 0.9 * available:
         return False
     log(f"warning: host memory: this run keeps about {gib(need)} in host memory (offloaded checkpoints, "
