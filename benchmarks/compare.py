@@ -766,11 +766,13 @@ def _plot(path: Path, rows: list[dict], preset: str) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, (ax_mem, ax_tps) = plt.subplots(1, 2, figsize=(12, 4.5))
     series: dict[tuple, list[dict]] = {}
     for r in rows:
         if r.get("status") == "ok":
             series.setdefault((r["stack"], r.get("lora_targets"), r.get("gpu_memory_cap")), []).append(r)
+    if not series:  # only gradient checks (or failures): nothing to draw
+        return None
+    fig, (ax_mem, ax_tps) = plt.subplots(1, 2, figsize=(12, 4.5))
     for (stack, targets, cap), group in sorted(series.items(), key=lambda kv: str(kv[0])):
         group.sort(key=lambda r: r["seq_len"])
         label = f"{stack} ({targets}{', cap ' + cap if cap else ''})"
@@ -787,8 +789,7 @@ def _plot(path: Path, rows: list[dict], preset: str) -> Path | None:
         ax.set_ylabel(ylabel)
         ax.set_title(f"{title} ({preset})")
         ax.grid(True, which="both", alpha=0.3)
-    if series:
-        ax_mem.legend(fontsize=8)
+    ax_mem.legend(fontsize=8)
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
     fig.savefig(tmp, dpi=120)

@@ -5,7 +5,9 @@
 #     MLP tiled in 8192- and 4096-token chunks: does it take the host-bound 4096 step back to GPU speed?
 #   - today's defaults (MLP tiled in 8192-token chunks) at 65536 and at 131072 under a 16 GiB cap,
 #     so far measured with 4096-token chunks only; the optional fused loss with today's defaults;
-#   - LoRA gradients against seed at 4096, seed-autocast included: is 1e-2 reachable in bf16 at all?
+#   - LoRA gradients against seed at 4096, seed-autocast and --residual-dtype fp32 included (on a CPU
+#     at the model's depth they give 8.6e-3 and 8.7e-3 against memtune's default 1.06e-2), and what
+#     the fp32 residual stream costs at 16384;
 #   - LoRA on all linear layers with today's defaults, and memtune's longest length within 24 GiB.
 # Usage: benchmarks/compare_h200_next.sh OUT_DIR   (OUT_DIR/compare-h200.json is appended to)
 set -uo pipefail
@@ -18,7 +20,9 @@ compare --steps 8 --warmup 3 --seq-lens 16384 --stacks memtune,dequantize-once,t
   --variant "tiled-4096-dequantize-once=--tiled-mlp-chunk 4096 --dequantize-once"
 compare --steps 6 --warmup 2 --seq-lens 65536 --stacks memtune,dequantize-once --variant "dequantize-once=--dequantize-once"
 compare --steps 5 --warmup 2 --seq-lens 131072 --gpu-memory 16GiB --stacks memtune
-compare --grad-check --seq-lens 4096 --stacks seed,seed-autocast,liger,memtune
+compare --grad-check --seq-lens 4096 --stacks seed,seed-autocast,liger,memtune,fp32-residual \
+  --variant "fp32-residual=--residual-dtype fp32"
+compare --steps 8 --warmup 3 --seq-lens 16384 --stacks fp32-residual --variant "fp32-residual=--residual-dtype fp32"
 compare --steps 8 --warmup 3 --seq-lens 16384 --stacks fuse-loss --variant "fuse-loss=--fuse-loss"
 compare --steps 8 --warmup 3 --seq-lens 16384 --lora-targets all --stacks memtune
 compare --max-length-search --gpu-memory 24GiB --search-start 131072 --stacks memtune

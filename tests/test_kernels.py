@@ -256,7 +256,9 @@ def test_saved_attention_on_a_gpu_matches_recomputing(monkeypatch):
     assert calls["n"] == 4
 
 
-def test_saved_attention_keeps_one_copy_per_storage_and_no_q_k_v(monkeypatch):
+@pytest.fixture()
+def attention_records(monkeypatch):
+    """Every AttentionRecord made during the test, in order; storages parked (as on a GPU) however small."""
     from memtune.kernels import saved_attention
 
     monkeypatch.setattr(saved_attention, "COPY_OFF_CUDA", True)
@@ -269,6 +271,11 @@ def test_saved_attention_keeps_one_copy_per_storage_and_no_q_k_v(monkeypatch):
         records.append(self)
 
     monkeypatch.setattr(saved_attention.AttentionRecord, "__init__", keep)
+    return records
+
+
+def test_saved_attention_keeps_one_copy_per_storage_and_no_q_k_v(attention_records):
+    records = attention_records
     model = _tiny_lora_model(torch.bfloat16)
     enable_offloaded_checkpointing(model, save_attention=True)
     ids, labels = _batch(seq=33)
@@ -330,6 +337,37 @@ def test_saved_attention_recomputes_layers_with_attention_dropout(monkeypatch):
     calls = _counting_sdpa(monkeypatch)
     _assert_same(_step_with(saving, ids, labels), plain, torch.float32)
     assert calls["n"] == 4  # forward and recompute: the dropout masks are drawn again, in order
+
+
+def test_saved_attention_under_autocast_with_an_fp32_residual_stream(attention_records):
+    records = attention_records
+    base = _tiny_lora_model(torch.bfloat16)
+    ids, labels = _batch(seq=33)
+
+    def step(model):
+        model.zero_grad(set_to_none=True)
+        embeds = model.get_input_embeddings()(ids).float()  # fp32 residual stream, bf16 matmuls
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(inputs_embeds=embeds, labels=labels, use_cache=False).loss
+        loss.backward()
+        return loss.detach().float(), {n: p.grad.float().clone() for n, p in model.named_parameters()
+                                       if p.requires_grad}
+
+    recomputing = copy.deepcopy(base)
+    enable_offloaded_checkpointing(recomputing)
+    saving = copy.deepcopy(base)
+    enable_offloaded_checkpointing(saving, save_attention=True)
+    expected = step(recomputing)
+    records.clear()
+    _assert_same(step(saving), expected, torch.bfloat16)
+    # q and k (fp32 after the rotary embedding) are cast where the recompute casts them again:
+    # still referred to, not parked; only the output and the log-sum-exp are
+    assert len(records) == 2 and all(len(r.entries) == 0 for r in records)  # released after backward
+    saving.zero_grad(set_to_none=True)
+    records.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        saving(inputs_embeds=saving.get_input_embeddings()(ids).float(), labels=labels, use_cache=False)
+    assert [len(r.entries[0].blobs) for r in records] == [2, 2]
 
 
 def test_saved_attention_falls_back_to_recomputing_eager_attention(monkeypatch):

@@ -162,3 +162,26 @@ def test_saved_attention_dropped_when_the_host_is_short():
     assert len(lines) == 1 and lines[0].startswith("save_attention: off")
     unknown, _ = drop_saved_attention_if_host_short(cfg, est, None, lines.append)
     assert unknown is cfg and len(lines) == 1
+
+
+def test_fp32_residual_stream_trains_with_bf16_matmuls(learnable_data):
+    cfg = tiny_cfg(learnable_data, compute_dtype="bf16", residual_dtype="fp32", lora_targets="default")
+    session = train.setup(cfg, log=lambda _: None)
+    model = session.built.model
+    layer = model.get_base_model().model.layers[0]
+    seen = {}
+
+    def layer_input(module, args, kwargs):
+        seen.setdefault("layer_input", (args[0] if args else kwargs["hidden_states"]).dtype)
+
+    def q_proj_input(module, args):
+        seen.setdefault("q_proj_input", args[0].dtype)
+
+    layer.register_forward_pre_hook(layer_input, with_kwargs=True)
+    layer.self_attn.q_proj.register_forward_pre_hook(q_proj_input)
+    losses, _, _ = train.train_loop(session, progress=False)
+    assert seen == {"layer_input": torch.float32, "q_proj_input": torch.bfloat16}
+    assert losses[-1] < 0.5 * losses[0]
+    # the same first loss as the bf16 stream, to bf16 rounding
+    _, plain = train_losses(cfg.replace(residual_dtype="compute", steps=1))
+    assert abs(plain[0] - losses[0]) < 0.05 * plain[0]

@@ -28,6 +28,7 @@ Attention = Literal["auto", "sdpa", "eager", "flash_attention_2"]
 DataFormat = Literal["auto", "text", "prompt_completion", "gsm8k", "alpaca", "messages"]
 LongPolicy = Literal["truncate", "drop"]
 LoraMatmul = Literal["compute", "fp32"]
+ResidualDtype = Literal["compute", "fp32"]
 Device = Literal["auto", "cuda", "cpu"]
 
 
@@ -64,6 +65,12 @@ class RunConfig:
     # casts each adapted layer's input to fp32 and keeps that copy for
     # backward (2x the bytes of the input, once per adapted module).
     lora_matmul: LoraMatmul = "compute"
+    # The residual stream (the hidden states between and around the layers'
+    # sublayers) in the compute dtype, or in fp32 with the matmuls and
+    # attention under bf16/fp16 autocast, as `Trainer(bf16=True)` runs a model
+    # whose norms were upcast: gradients closer to an fp32 run, for about
+    # twice the checkpoint bytes and fp32 copies of each layer's residual.
+    residual_dtype: ResidualDtype = "compute"
 
     # --- memory techniques -------------------------------------------------
     # All on by default: measured together on the H200 (1.5B shape, 16384

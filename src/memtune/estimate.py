@@ -689,11 +689,20 @@ def estimate_for_shape(cfg: RunConfig, shape: ModelShape, device: str = "cuda") 
     if paged:
         host["paged_optimizer_states"] = paged
     if cfg.offloads_checkpoints:
-        host["offloaded_checkpoints"] = shape.layers * _round(tokens * shape.hidden * c)
+        host["offloaded_checkpoints"] = shape.layers * _round(tokens * shape.hidden * residual_bytes(cfg, c))
     if cfg.saves_attention:
         host["saved_attention"] = shape.layers * saved_attention_bytes(shape, tokens, c)
     return Estimate(total_bytes=sum(breakdown.values()), breakdown=breakdown, host_bytes=host,
                     phase=phase, seq_len=seq, notes=notes)
+
+
+def residual_bytes(cfg: RunConfig, dtype_bytes: int) -> int:
+    """Bytes per element of the residual stream: the layer inputs and outputs, the rotary cos/sin.
+
+    With residual_dtype fp32 only these grow: the norms hand the matmuls their output in the
+    compute dtype, so a layer's saved tensors stay as they were (measured on CPU: 4742 against
+    4614 bytes a token for one tiny layer, the difference being the fp32 cos/sin)."""
+    return 4 if cfg.residual_dtype == "fp32" else dtype_bytes
 
 
 def saved_attention_bytes(shape: ModelShape, tokens: int, c: int) -> int:
@@ -715,10 +724,11 @@ def _activation_phases(shape: ModelShape, cfg: RunConfig, c: int, seq: int, toke
     layer = layer_saved_per_token(shape, cfg, c, seq, device)
     per_layer = sum(layer.values())
     layer_bytes = tokens * per_layer
-    ckpt_one = _round(tokens * shape.hidden * c)  # one layer input [B, L, H]
-    rope = 2 * _round(tokens * shape.head_dim * c)  # cos and sin [B, L, head_dim], shared by all layers
+    r = residual_bytes(cfg, c)
+    ckpt_one = _round(tokens * shape.hidden * r)  # one layer input [B, L, H]
+    rope = 2 * _round(tokens * shape.head_dim * r)  # cos and sin [B, L, head_dim], shared by all layers
     final_norm = _round(tokens * rmsnorm_saved_per_token(shape.hidden, not cfg.lora, c, fuses_elementwise(cfg, device)))
-    hidden_out = ckpt_one  # last_hidden_state
+    hidden_out = _round(tokens * shape.hidden * c)  # last_hidden_state (the final norm's output)
 
     if cfg.offloads_checkpoints:
         stored = {"checkpoints": 2 * ckpt_one}  # the layer being recomputed and the one being prefetched

@@ -100,7 +100,19 @@ def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: RunConfi
     from memtune.kernels import lookup_on_host
 
     embeds = lookup_on_host(model, host_ids, batch["input_ids"].device) if host_ids is not None else None
+    if cfg.residual_dtype == "fp32":
+        if embeds is None:
+            embeds = model.get_input_embeddings()(batch["input_ids"])
+        if embeds.dtype != torch.float32:
+            # fp32 hidden states from here on; every matmul and attention runs in the compute dtype
+            with torch.autocast(device_type=embeds.device.type, dtype=embeds.dtype):
+                return _forward_loss(model, {"inputs_embeds": embeds.float()}, batch, cfg)
     inputs = {"input_ids": batch["input_ids"]} if embeds is None else {"inputs_embeds": embeds}
+    return _forward_loss(model, inputs, batch, cfg)
+
+
+def _forward_loss(model: nn.Module, inputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
+                  cfg: RunConfig) -> torch.Tensor:
     if "position_ids" in batch:
         inputs["position_ids"] = batch["position_ids"]
     lm = base_model(model)

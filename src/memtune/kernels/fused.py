@@ -52,7 +52,7 @@ def _compiled(fn: Callable) -> Callable:
 _SILU_CLASSES = frozenset({"SiLU", "SiLUActivation"})
 
 
-def _is_rms_norm(module: nn.Module) -> bool:
+def is_rms_norm(module: nn.Module) -> bool:
     return (type(module).__name__.endswith("RMSNorm") and isinstance(getattr(module, "weight", None), torch.Tensor)
             and isinstance(getattr(module, "variance_epsilon", None), float))
 
@@ -90,7 +90,7 @@ def enable_fused_elementwise(model: nn.Module, compile_fn: bool = True) -> int:
         if module.__dict__.get(_ATTR) is not None:
             count += 1
             continue
-        if _is_rms_norm(module):
+        if is_rms_norm(module):
             make = _norm_forward
         elif _is_silu_gated_mlp(module):
             make = _mlp_forward

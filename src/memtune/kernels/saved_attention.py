@@ -214,6 +214,20 @@ def replaying(record: AttentionRecord | None) -> contextlib.AbstractContextManag
     return _mode("replay" if record is not None else None, record)
 
 
+def _in_autocast_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v cast as autocast would cast them inside attention, but here, where the recompute casts
+    them again: the graph then saves tensors that the recompute reproduces (an fp32 residual stream
+    makes q and k fp32 after the rotary embedding), not private copies that would have to be kept."""
+    device_type = tensors[0].device.type
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return tensors
+        dtype = torch.get_autocast_dtype(device_type)
+    except (TypeError, RuntimeError):  # a device type autocast does not know
+        return tensors
+    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t for t in tensors)
+
+
 def _tensor_args(values) -> list[torch.Tensor]:
     return [v for v in values if isinstance(v, torch.Tensor)]
 
@@ -225,6 +239,7 @@ def _record_call(record: AttentionRecord, original: Callable, module, query, key
         # draw of the layer (LoRA dropout masks) away from the forward's. Such a layer recomputes.
         return original(module, query, key, value, attention_mask, *args, **kwargs)
     entry = _Entry(record.copy_off_cuda)
+    query, key, value = _in_autocast_dtype(query, key, value)
     anchor = torch.empty(0, requires_grad=True)
     with torch.enable_grad():
         gripped = [_Grip.apply(anchor, t) for t in (query, key, value)]
@@ -270,7 +285,7 @@ def _replay_call(record: AttentionRecord, original: Callable, module, query, key
         return original(module, query, key, value, attention_mask, *args, **kwargs)  # not recorded: recompute
     entry = record.entries[record.cursor]
     record.cursor += 1
-    return _Replay.apply(entry, query, key, value), None
+    return _Replay.apply(entry, *_in_autocast_dtype(query, key, value)), None
 
 
 def _wrap(original: Callable) -> Callable:
