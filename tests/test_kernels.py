@@ -325,6 +325,24 @@ def test_saved_attention_with_padding_masks_packing_and_lora_dropout(copies, mon
                  torch.float32)
 
 
+def test_saved_attention_with_the_math_kernel_and_its_many_saved_tensors(attention_records):
+    # sdpa's math path saves several intermediates, some freed during the call: a freed address
+    # reused by a later saved tensor must not be taken for the earlier one's parked copy
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    base = _tiny_lora_model(torch.float32, targets=("q_proj", "k_proj", "v_proj"))
+    ids = torch.randint(0, 97, (2, 21), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    saving = copy.deepcopy(base)
+    enable_offloaded_checkpointing(saving, save_attention=True)
+    with sdpa_kernel(SDPBackend.MATH):
+        expected = _step_with(base, ids, labels, mask)
+        _assert_same(_step_with(saving, ids, labels, mask), expected, torch.float32)
+    assert attention_records and all(not r.entries for r in attention_records)
+
+
 def test_saved_attention_recomputes_layers_with_attention_dropout(monkeypatch):
     base = _tiny_lora_model(torch.float32, dropout=0.2)
     base.get_base_model().config.attention_dropout = 0.3

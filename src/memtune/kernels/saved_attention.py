@@ -83,7 +83,8 @@ class _Blob:
     """One storage parked on the host; fetched to the device once, however many tensors refer to it."""
 
     def __init__(self, tensor: torch.Tensor, copy_off_cuda: bool):
-        self.copy = HostCopy(_bytes_of_storage(tensor), copy_off_cuda=copy_off_cuda)
+        self.source: torch.Tensor | None = _bytes_of_storage(tensor)
+        self.copy = HostCopy(self.source, copy_off_cuda=copy_off_cuda)
         self.on_device: torch.Tensor | None = None
 
     def prefetch(self) -> None:
@@ -248,6 +249,10 @@ def _record_call(record: AttentionRecord, original: Callable, module, query, key
     entry.keep_keys = {_storage_key(t) for t in _tensor_args([attention_mask, *args, *kwargs.values()])}
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(entry.pack, entry.unpack):
         out, weights = original(module, *gripped, attention_mask, *args, **kwargs)
+    # Blobs are keyed by storage address: each held its source until here, so that no storage freed
+    # during the call could come back at the same address as another saved tensor and be mistaken for it.
+    for blob in entry.blobs.values():
+        blob.source = None
     if weights is not None or not isinstance(out, torch.Tensor) or out.grad_fn is None:
         return out.detach() if isinstance(out, torch.Tensor) else out, weights  # nothing replayable
     entry.out_edge = torch.autograd.graph.get_gradient_edge(out)
