@@ -759,43 +759,81 @@ def write_reports(out: Path, preset: str, tolerance: float) -> tuple[Path, Path 
 
 
 def _plot(path: Path, rows: list[dict], preset: str) -> Path | None:
+    """Memory and speed by length for the stacks themselves (memtune's defaults included), and a bar
+    chart of every memtune variant at the most measured length: one figure, legend outside the data."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return None
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("tokens_per_s")]
     series: dict[tuple, list[dict]] = {}
-    for r in rows:
-        if r.get("status") == "ok":
+    for r in ok:
+        if r["stack"] in BUILTIN_STACKS:
             series.setdefault((r["stack"], r.get("lora_targets"), r.get("gpu_memory_cap")), []).append(r)
-    if not series:  # only gradient checks (or failures): nothing to draw
+    variants = _variant_rows(ok)
+    if not series and not variants:  # only gradient checks (or failures): nothing to draw
         return None
-    fig, (ax_mem, ax_tps) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for (stack, targets, cap), group in sorted(series.items(), key=lambda kv: str(kv[0])):
+    fig, (ax_mem, ax_tps, ax_var) = plt.subplots(1, 3, figsize=(18, 5.5))
+    on_gpu = any(r.get("peak_allocated_bytes") is not None for r in rows)
+    markers = "osD^v<>ph*"
+    for i, ((stack, targets, cap), group) in enumerate(sorted(series.items(), key=lambda kv: str(kv[0]))):
         group.sort(key=lambda r: r["seq_len"])
         label = f"{stack} ({targets}{', cap ' + cap if cap else ''})"
         xs = [r["seq_len"] for r in group]
         mem = [(r.get("peak_allocated_bytes") or r.get("peak_host_rss_bytes") or 0) / 1e9 for r in group]
-        ax_mem.plot(xs, mem, marker="o", label=label)
-        ax_tps.plot(xs, [r.get("tokens_per_s") or 0 for r in group], marker="o", label=label)
-    on_gpu = any(r.get("peak_allocated_bytes") is not None for r in rows)
+        style = dict(marker=markers[i % len(markers)], label=label, linewidth=2.5 if stack == "memtune" else 1.2)
+        ax_mem.plot(xs, mem, **style)
+        ax_tps.plot(xs, [r["tokens_per_s"] for r in group], **style)
     mem_title, mem_label = ("peak GPU memory", "GB allocated") if on_gpu else ("peak host memory (CPU run)", "GB RSS")
-    for ax, title, ylabel in ((ax_mem, mem_title, mem_label),
-                              (ax_tps, "throughput", "tokens / s")):
+    for ax, title, ylabel in ((ax_mem, mem_title, mem_label), (ax_tps, "throughput", "tokens / s")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length (tokens)")
         ax.set_ylabel(ylabel)
         ax.set_title(f"{title} ({preset})")
         ax.grid(True, which="both", alpha=0.3)
-    ax_mem.legend(fontsize=8)
+    ax_mem.set_yscale("log")
+    ax_mem.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax_mem.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}" if v in (2, 3, 5, 20, 30, 50) else ""))
+    if series:
+        ax_tps.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0.0, -0.15), ncol=2, frameon=False)
+    _plot_variants(ax_var, variants, mem_label)
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def _variant_rows(ok: list[dict]) -> list[dict]:
+    """memtune's rows (defaults and variants), q/v, no cap, at the length with the most of them."""
+    rows = [r for r in ok if is_memtune_row(r) and r.get("lora_targets") == "qv" and not r.get("gpu_memory_cap")]
+    if not rows:
+        return []
+    counts: dict[int, int] = {}
+    for r in rows:
+        counts[r["seq_len"]] = counts.get(r["seq_len"], 0) + 1
+    length = max(counts, key=lambda n: (counts[n], -n))
+    return sorted((r for r in rows if r["seq_len"] == length), key=lambda r: r["tokens_per_s"])
+
+
+def _plot_variants(ax, variants: list[dict], mem_label: str) -> None:
+    if not variants:
+        ax.axis("off")
+        return
+    names = [r["stack"] + (" *" if r.get("note") else "") for r in variants]
+    ax.barh(names, [r["tokens_per_s"] for r in variants], color="tab:blue")
+    for y, r in enumerate(variants):
+        mem = (r.get("peak_allocated_bytes") or r.get("peak_host_rss_bytes") or 0) / 1e9
+        ax.text(r["tokens_per_s"], y, f" {mem:.2f} GB", va="center", fontsize=8)
+    ax.set_xlabel(f"tokens / s (labels: {mem_label})")
+    ax.set_title(f"memtune rows at {variants[0]['seq_len']} tokens (* memory not valid)", fontsize=10)
+    ax.tick_params(axis="y", labelsize=8)
+    ax.grid(True, axis="x", alpha=0.3)
 
 
 # =========================================================================== modes
