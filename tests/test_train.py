@@ -185,3 +185,25 @@ def test_fp32_residual_stream_trains_with_bf16_matmuls(learnable_data):
     # the same first loss as the bf16 stream, to bf16 rounding
     _, plain = train_losses(cfg.replace(residual_dtype="compute", steps=1))
     assert abs(plain[0] - losses[0]) < 0.05 * plain[0]
+
+
+def test_dequantize_once_trains_as_bitsandbytes_does(learnable_data, monkeypatch):
+    # tiled in 4 chunks and offloaded (on a CPU the offload keeps the tensors): the short path's
+    # scopes are all in play; the losses follow bitsandbytes' own path step for step
+    from memtune.kernels import frozen_4bit
+
+    cfg = tiny_cfg(learnable_data, quantization="nf4", steps=6, tiled_mlp_chunk=16, lora_dropout=0.0)
+    _, reference = train_losses(cfg)
+    calls = {"n": 0}
+    apply = frozen_4bit._Frozen4bitLinear.apply
+
+    def counting(*args):
+        calls["n"] += 1
+        return apply(*args)
+
+    monkeypatch.setattr(frozen_4bit._Frozen4bitLinear, "apply", counting)
+    session, short = train_losses(cfg.replace(dequantize_once=True))
+    assert any("short path" in note for note in session.built.notes)
+    assert calls["n"] > 0
+    assert short == pytest.approx(reference, rel=2e-3)
+    assert short[-1] < short[0]
