@@ -207,3 +207,15 @@ def test_dequantize_once_trains_as_bitsandbytes_does(learnable_data, monkeypatch
     assert calls["n"] > 0
     assert short == pytest.approx(reference, rel=2e-3)
     assert short[-1] < short[0]
+
+
+def test_random_weights_are_drawn_on_the_cpu_when_the_full_model_would_not_fit_the_gpu():
+    from memtune.models import random_init_fits
+
+    gb = 10**9
+    assert random_init_fits(3 * gb, free_bytes=80 * gb, cap_bytes=None, allocated_bytes=0)
+    assert not random_init_fits(16 * gb, free_bytes=15 * gb, cap_bytes=None, allocated_bytes=0)  # an 8B, a 16 GB card
+    # under a gpu_memory cap, what the cap leaves counts, however large the card
+    assert not random_init_fits(16 * gb, free_bytes=130 * gb, cap_bytes=16 * gb, allocated_bytes=0)
+    assert random_init_fits(16 * gb, free_bytes=130 * gb, cap_bytes=24 * gb, allocated_bytes=2 * gb)
+    assert not random_init_fits(16 * gb, free_bytes=130 * gb, cap_bytes=18 * gb, allocated_bytes=2 * gb)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from memtune.config import RunConfig
+from memtune.config import RunConfig, parse_memory_size
 from memtune.errors import UserError
 from memtune.presets import PRESETS, TINY_DIR, is_preset, preset_config_dict
 
@@ -158,7 +158,7 @@ def _attention_impl(cfg: RunConfig) -> str:
 
 
 def _build_full_precision(source: ModelSource, cfg: RunConfig, dtype: torch.dtype,
-                          device: torch.device) -> nn.Module:
+                          device: torch.device, notes: list[str]) -> nn.Module:
     """The model in the compute dtype, before quantization.
 
     Weights from disk are loaded on the CPU, so the device only ever holds
@@ -177,8 +177,35 @@ def _build_full_precision(source: ModelSource, cfg: RunConfig, dtype: torch.dtyp
         )
     config = _hf_config(source, cfg)
     config._attn_implementation = _attention_impl(cfg)
+    if device.type == "cuda":
+        device = _random_init_device(config, cfg, dtype, device, notes)
     with device:
         return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+
+
+def random_init_fits(need_bytes: int, free_bytes: int, cap_bytes: int | None, allocated_bytes: int) -> bool:
+    """Whether the full-precision random model fits the GPU now (with 10% to spare): the free
+    memory, and under a gpu_memory cap what the cap leaves beside what is already allocated."""
+    budget = free_bytes if cap_bytes is None else min(free_bytes, cap_bytes - allocated_bytes)
+    return need_bytes <= 0.9 * budget
+
+
+def _random_init_device(config: Any, cfg: RunConfig, dtype: torch.dtype, device: torch.device,
+                        notes: list[str]) -> torch.device:
+    """The GPU, unless the full-precision model would not fit there before quantization (an 8B
+    model is 16 GB in bf16): then the CPU, slower but within a small card or a gpu_memory cap."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):  # shapes only, no memory
+        shell = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    need = sum(p.numel() * p.element_size() for p in shell.parameters())
+    free, _total = torch.cuda.mem_get_info(device)
+    cap = parse_memory_size(cfg.gpu_memory) if cfg.gpu_memory else None
+    if random_init_fits(need, free, cap, torch.cuda.memory_allocated(device)):
+        return device
+    notes.append(f"random weights drawn on the CPU (slower): the full-precision model, {need / 1e9:.1f} GB, "
+                 f"would not fit the GPU before quantization")
+    return torch.device("cpu")
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -360,7 +387,7 @@ def build_model(cfg: RunConfig) -> BuiltModel:
     dtype = resolve_compute_dtype(cfg, device)
     source = resolve_source(cfg)
     tokenizer = _load_tokenizer(source, cfg, notes)
-    model = _build_full_precision(source, cfg, dtype, device)
+    model = _build_full_precision(source, cfg, dtype, device, notes)
     if source.weights_dir is None:
         notes.append(f"model '{source.name}' built with random weights")
     if cfg.quantization != "none":
