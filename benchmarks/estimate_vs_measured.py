@@ -56,7 +56,6 @@ COMPARE_DEFAULTS_SINCE: list[tuple[str, dict | None]] = [
     ("2026-11-29T00:47", {**_ON, "save_attention": True}),
     ("2026-11-29T01:10", {**_ON, "save_attention": True, "tiled_mlp_chunk": 8192}),
 ]
-COMPARE_SINCE = COMPARE_DEFAULTS_SINCE[0][0]
 
 
 def defaults_at(date: str) -> dict | None:

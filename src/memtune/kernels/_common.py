@@ -46,11 +46,12 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return best
 
 
-def swap_forward(module: nn.Module, attr: str, make_forward: Callable[[nn.Module, Callable], Callable]) -> None:
+def swap_forward(module: nn.Module, attr: str, make_forward: Callable[[nn.Module, Callable], Callable],
+                 **extra: Any) -> None:
     """Give the instance `module` the forward `make_forward(module, original)`, once; record the
-    original in `module.<attr>` for `restore_forward`."""
+    original (and `extra`) in `module.<attr>` for `restore_forward`."""
     if module.__dict__.get(attr) is None:
-        setattr(module, attr, {"had_own_forward": "forward" in module.__dict__, "original": module.forward})
+        setattr(module, attr, {"had_own_forward": "forward" in module.__dict__, "original": module.forward, **extra})
         module.forward = make_forward(module, module.__dict__[attr]["original"])
 
 

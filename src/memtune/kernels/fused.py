@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memtune.kernels._common import base_model, restore_forward
+from memtune.kernels._common import base_model, restore_forward, swap_forward
 
 __all__ = ["enable_fused_elementwise", "disable_fused_elementwise", "rms_norm_reference", "silu_mul_reference"]
 
@@ -87,17 +87,13 @@ def enable_fused_elementwise(model: nn.Module, compile_fn: bool = True) -> int:
     """
     count = 0
     for module in base_model(model).modules():
-        if module.__dict__.get(_ATTR) is not None:
-            count += 1
-            continue
         if is_rms_norm(module):
             make = _norm_forward
         elif _is_silu_gated_mlp(module):
             make = _mlp_forward
         else:
             continue
-        setattr(module, _ATTR, {"had_own_forward": "forward" in module.__dict__, "original": module.forward})
-        module.forward = make(module, compile_fn)
+        swap_forward(module, _ATTR, lambda m, _original, make=make: make(m, compile_fn))
         count += 1
     return count
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memtune.kernels._common import base_model, restore_forward
+from memtune.kernels._common import base_model, restore_forward, swap_forward
 
 __all__ = ["enable_host_embeddings", "host_embedding_weight", "host_embeddings_skip_reason", "lookup_on_host"]
 
@@ -86,9 +86,7 @@ def enable_host_embeddings(model: nn.Module, require_cuda: bool = True) -> str |
     device = embed.weight.device
     del embed._parameters["weight"]
     embed.weight = host  # a plain attribute: not a parameter, not in state_dict, not moved by .to()
-    setattr(embed, _ATTR, {"had_own_forward": "forward" in embed.__dict__, "original": embed.forward,
-                           "device": device})
-    embed.forward = _make_forward(host)
+    swap_forward(embed, _ATTR, lambda _module, _original: _make_forward(host), device=device)
     return None
 
 

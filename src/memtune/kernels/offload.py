@@ -41,7 +41,7 @@ from memtune.kernels.host_copy import HostCopy
 from memtune.kernels.saved_attention import (AttentionRecord, install_attention_hook, recording, replaying,
                                              saved_attention_supported)
 from memtune.kernels._common import (RngState, autocast_state, base_model, decoder_layers, outputs_discarded,
-                                     replay_autocast, restore_forward, trainable_params)
+                                     replay_autocast, restore_forward, swap_forward, trainable_params)
 
 __all__ = ["enable_offloaded_checkpointing", "disable_offloaded_checkpointing", "is_offloaded_checkpointing",
            "saved_attention_skip_reason"]
@@ -185,16 +185,10 @@ def enable_offloaded_checkpointing(model: nn.Module, save_attention: bool = Fals
     for position, layer in enumerate(layers):
         if getattr(layer, _ATTR, None) is not None:
             continue
-        had_own = "forward" in layer.__dict__
-        original = layer.forward
-        setattr(layer, _ATTR, {
-            "had_own_forward": had_own,
-            "original": original,
-            "hf_flag": getattr(layer, "gradient_checkpointing", None),
-        })
+        swap_forward(layer, _ATTR, lambda l, original, position=position: _make_forward(l, original, state, position),
+                     hf_flag=getattr(layer, "gradient_checkpointing", None))
         if getattr(layer, "gradient_checkpointing", False):
             layer.gradient_checkpointing = False
-        layer.forward = _make_forward(layer, original, state, position)
     return len(layers)
 
 

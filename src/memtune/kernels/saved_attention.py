@@ -34,6 +34,7 @@ recomputing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -320,6 +321,7 @@ def install_attention_hook(implementation: str = "sdpa") -> bool:
     return True
 
 
+@functools.cache  # a property of this torch build
 def saved_attention_supported() -> bool:
     """This torch can differentiate from a saved graph edge (torch.autograd.grad with GradientEdge outputs)."""
     try:
