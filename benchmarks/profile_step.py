@@ -15,12 +15,70 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import json
+import re
 import shutil
 import sys
+import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+
+# kernel name -> what it is, first match wins (cuBLAS/cuDNN/Triton/ATen/bitsandbytes names on Hopper)
+_CATEGORIES = (
+    ("attention", re.compile(r"sdpa|flash|fmha|attention", re.I)),
+    ("matmul", re.compile(r"nvjet|gemm|cutlass|sm90_xmma|wgmma|splitK", re.I)),
+    ("dequantize", re.compile(r"dequant", re.I)),
+    ("compiled (triton)", re.compile(r"^triton", re.I)),
+    ("copy / cast", re.compile(r"copy|cat_|CatArray|direct_copy", re.I)),
+    ("reduction", re.compile(r"reduce", re.I)),
+    ("elementwise", re.compile(r"elementwise", re.I)),
+)
+
+
+def stream_summary(trace_path: Path) -> str:
+    """GPU time per stream from a Chrome trace: busy, idle gaps on the compute stream, kernel categories.
+
+    The compute stream is the one with the most kernel time; its idle time between the step's first
+    and last kernel is time the GPU waited on the host (or on a copy it had to wait for).
+    """
+    events = json.loads(trace_path.read_text()).get("traceEvents", [])
+    kernels = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    if not kernels:
+        return "no GPU events in the trace"
+    by_stream: dict[int, list[dict]] = defaultdict(list)
+    for event in kernels:
+        by_stream[int(event.get("args", {}).get("stream", -1))].append(event)
+    lines = ["GPU streams (ms): stream, kernels, busy, first-to-last span, idle inside the span"]
+    compute = max(by_stream, key=lambda s: sum(e["dur"] for e in by_stream[s] if e["cat"] == "kernel"))
+    for stream, items in sorted(by_stream.items()):
+        items.sort(key=lambda e: e["ts"])
+        busy, end = 0.0, None
+        for e in items:  # union of intervals
+            start, stop = e["ts"], e["ts"] + e["dur"]
+            if end is None or start >= end:
+                busy += stop - start
+                end = stop
+            elif stop > end:
+                busy += stop - end
+                end = stop
+        span = items[-1]["ts"] + items[-1]["dur"] - items[0]["ts"]
+        mark = "  <- compute" if stream == compute else ""
+        lines.append(f"  {stream:>4} {len(items):>6} {busy / 1e3:9.1f} {span / 1e3:9.1f} {(span - busy) / 1e3:9.1f}{mark}")
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for e in by_stream[compute]:
+        name = e.get("name", "")
+        category = "memcpy" if e["cat"] != "kernel" else next(
+            (label for label, pattern in _CATEGORIES if pattern.search(name)), "other")
+        totals[category][0] += e["dur"]
+        totals[category][1] += 1
+    lines.append("compute-stream kernels by category (ms, count):")
+    for label, (dur, count) in sorted(totals.items(), key=lambda kv: -kv[1][0]):
+        lines.append(f"  {label:<20} {dur / 1e3:8.1f} {count:>6}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,17 +127,19 @@ def main(argv: list[str] | None = None) -> int:
     lines.append(events.table(sort_by="self_cuda_time_total", row_limit=mine.rows, max_name_column_width=70))
     lines.append("host side, by self CPU time:")
     lines.append(events.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=70))
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(raw))
+        lines.append(stream_summary(raw))
+        if mine.trace_out:
+            mine.trace_out.parent.mkdir(parents=True, exist_ok=True)
+            with open(raw, "rb") as src, gzip.open(mine.trace_out, "wb") as dst:
+                shutil.copyfileobj(src, dst)
     text = "\n".join(lines)
     print(text)
     if mine.profile_out:
         mine.profile_out.parent.mkdir(parents=True, exist_ok=True)
         mine.profile_out.write_text(text + "\n")
-    if mine.trace_out:
-        raw = mine.trace_out.with_suffix("")  # name.json.gz -> name.json
-        prof.export_chrome_trace(str(raw))
-        with open(raw, "rb") as src, gzip.open(mine.trace_out, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        raw.unlink()
     return 0
 
 

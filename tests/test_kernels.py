@@ -867,3 +867,34 @@ def test_host_embeddings_refuse_a_tied_table():
     base = model.get_base_model()
     base.lm_head.weight = base.model.embed_tokens.weight
     assert "tied" in enable_host_embeddings(model, require_cuda=False)
+
+
+def test_profile_stream_summary_counts_idle_and_categories(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "profile_step.py"
+    spec = importlib.util.spec_from_file_location("memtune_profile_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ms = 1000  # trace times are in microseconds
+    events = [  # stream 7 computes with a 3 ms gap; stream 20 copies, overlapping it
+        {"cat": "kernel", "name": "nvjet_sm90_tst_192x128", "ts": 0, "dur": 10 * ms, "args": {"stream": 7}},
+        {"cat": "kernel", "name": "cudnn_sdpa_flash_fprop", "ts": 13 * ms, "dur": 5 * ms, "args": {"stream": 7}},
+        {"cat": "kernel", "name": "triton_poi_fused_mul_silu_0", "ts": 18 * ms, "dur": 2 * ms,
+         "args": {"stream": 7}},
+        {"cat": "gpu_memcpy", "name": "Memcpy DtoH (Device -> Pinned)", "ts": 1 * ms, "dur": 15 * ms,
+         "args": {"stream": 20}},
+        {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 50 * ms},
+    ]
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+    text = module.stream_summary(trace)
+    compute_line = next(line for line in text.splitlines() if "<- compute" in line)
+    stream, count, busy, span, idle = compute_line.split()[:5]
+    assert (stream, count) == ("7", "3") and (float(busy), float(span), float(idle)) == (17.0, 20.0, 3.0)
+    copy_line = next(line for line in text.splitlines() if line.split()[0] == "20")
+    assert float(copy_line.split()[2]) == 15.0
+    categories = {line.split()[0] for line in text.split("by category")[1].splitlines()[1:]}
+    assert categories == {"matmul", "attention", "compiled"}  # the copy stream's memcpy is not counted
