@@ -81,6 +81,43 @@ def stream_summary(trace_path: Path) -> str:
     return "\n".join(lines)
 
 
+def sync_report(step) -> str:
+    """Where one step makes the host wait for the GPU: call sites of synchronizing CUDA calls, by count.
+
+    torch's sync debug mode warns at every synchronizing call (an `.item()`, a copy from pageable
+    memory, a `nonzero`); each one drains the GPU's queue, which then idles while the host launches
+    the next kernels. The innermost frame outside torch names the caller; warnings raised on the
+    autograd engine's thread reach Python at the end of backward, so they name that call instead.
+    """
+    import traceback
+    import warnings
+
+    import torch
+
+    sites: dict[str, int] = defaultdict(int)
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1]
+                  if "/torch/" not in f.filename and "/warnings.py" not in f.filename]
+        where = f"{frames[-1].filename.split('/src/')[-1]}:{frames[-1].lineno} {frames[-1].name}" if frames else "?"
+        sites[where] += 1
+
+    previous = warnings.showwarning
+    warnings.showwarning = record
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = previous
+    lines = [f"synchronizing calls in one step: {sum(sites.values())}"]
+    lines += [f"  {count:>5}  {where}" for where, count in sorted(sites.items(), key=lambda kv: -kv[1])[:15]]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -115,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     lines = [f"step times (s): {' '.join(f'{t:.3f}' for t in times)}"]
+    lines.append(sync_report(step))
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
         step()

@@ -835,6 +835,12 @@ def _summary(row: dict[str, Any]) -> str:
         bits.append("fused")
     if cfg.get("lora", True) and cfg.get("lora_matmul") == "compute":
         bits.append("bf16-lora")
+    if cfg.get("dequantize_once"):
+        bits.append("dq-once")
+    if cfg.get("residual_dtype") == "fp32":
+        bits.append("fp32-residual")
+    if cfg.get("fuse_loss"):
+        bits.append("fused-loss")
     if cfg.get("loss_chunk_tokens") not in (None, 4096):
         bits.append(f"loss-chunk{cfg['loss_chunk_tokens']}")
     if cfg.get("loss") == "full":

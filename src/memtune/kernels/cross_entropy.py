@@ -120,6 +120,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             else:  # [Nv, H]: only the tokens with a label
                 h_all, y_all = hidden.index_select(0, valid_idx), labels.index_select(0, valid_idx)
             inv_n = 1.0 / n_valid
+            # made on the device: torch.tensor(x, device=cuda) copies from pageable host memory and
+            # synchronizes the stream, which (once per chunk) left the GPU idle while the host caught up
+            inv_n_t = torch.full((), inv_n, dtype=torch.float32, device=hidden.device) if fused is not None else None
             for start in range(0, n_valid, chunk_tokens):
                 h = h_all[start:start + chunk_tokens]
                 if h.dtype != compute_dtype:
@@ -130,7 +133,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 # logits in the compute dtype: C x V x 2 B (bf16)
                 logits = torch.addmm(b, h, w.t()) if b is not None else h @ w.t()
                 if fused is not None:
-                    chunk_sum, g = fused(logits, y, torch.tensor(inv_n, device=logits.device))
+                    chunk_sum, g = fused(logits, y, inv_n_t)
                     loss_sum += chunk_sum
                     del logits
                     if need_b:
