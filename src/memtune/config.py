@@ -120,9 +120,11 @@ class RunConfig:
     loss_chunk_tokens: int = 512
     # Compute each loss chunk's softmax and gradient as one compiled kernel
     # (torch.compile): no fp32 [chunk, vocab] copy, two reads of the logits
-    # instead of about ten passes. CUDA GPUs only. Off: measured once, in
-    # host-bound H200 runs (24,345 against 22,108 tokens/s at 16384).
-    fuse_loss: bool = False
+    # instead of about ten passes. CUDA GPUs only. Measured on the H200 at
+    # 16384 tokens: 31,849 against 30,679 tokens/s in the same command, the
+    # same peak (2.59 GB); the loss's elementwise kernels fall from about 30 ms
+    # a step to under 10 (benchmarks/results/profile-16k-fuse-loss-h200.txt).
+    fuse_loss: bool = True
 
     # --- training ----------------------------------------------------------
     seq_len: int = 16384  # capped to what the data and the model allow
@@ -327,7 +329,8 @@ def from_dict(values: dict[str, Any], source: str = "config") -> RunConfig:
 # Fields added after results were first stored, with the value a run made before
 # them had: a stored config without the key is read back as what actually ran.
 LEGACY_VALUES: dict[str, Any] = {"lora_matmul": "fp32", "embeddings_on_host": False, "fuse_elementwise": False,
-                                 "save_attention": False, "dequantize_once": False}
+                                 "save_attention": False, "dequantize_once": False,
+                                 "fuse_loss": False, "residual_dtype": "compute"}
 
 
 def from_stored_dict(values: dict[str, Any]) -> RunConfig:
