@@ -56,7 +56,7 @@ COMPARE_DEFAULTS_SINCE: list[tuple[str, dict | None]] = [
     ("2026-11-29T00:36", None),
     ("2026-11-29T00:47", {**_ON, "save_attention": True}),
     ("2026-11-29T01:10", {**_ON, "save_attention": True, "tiled_mlp_chunk": 8192}),
-    ("2026-11-29T02:45", {**_ON, "save_attention": True, "tiled_mlp_chunk": 8192, "fuse_loss": True}),
+    ("2026-11-29T02:40", {**_ON, "save_attention": True, "tiled_mlp_chunk": 8192, "fuse_loss": True}),
 ]
 
 

@@ -819,6 +819,10 @@ def _summary(row: dict[str, Any]) -> str:
             f"q={cfg.get('quantization', '?')}"]
     if cfg.get("lora", True):
         bits.append(f"r={cfg.get('lora_rank', '?')}")
+        targets = cfg.get("lora_targets", "default")
+        if targets not in (None, "default"):
+            names = [targets] if isinstance(targets, str) else [t.removesuffix("_proj") for t in targets]
+            bits.append("lora=" + ",".join(names))
     else:
         bits.append("full")
     ckpt = cfg.get("gradient_checkpointing", True)
