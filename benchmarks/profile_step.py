@@ -14,6 +14,7 @@ time, and the top host-side operators (written to --profile-out when given;
 from __future__ import annotations
 
 import argparse
+import bisect
 import gzip
 import json
 import re
@@ -78,6 +79,47 @@ def stream_summary(trace_path: Path) -> str:
     lines.append("compute-stream kernels by category (ms, count):")
     for label, (dur, count) in sorted(totals.items(), key=lambda kv: -kv[1][0]):
         lines.append(f"  {label:<20} {dur / 1e3:8.1f} {count:>6}")
+    lines.append(idle_summary(events, sorted(by_stream[compute], key=lambda e: e["ts"])))
+    return "\n".join(lines)
+
+
+# host-side ranges that name a phase of the step (autograd Functions, modules, the optimizer)
+_PHASE = re.compile(r"Offloaded|TiledMLP|CrossEntropy|Optimizer|clip_grad|Frozen4bit|MatMul4Bit|"
+                    r"evaluate_function|nn\.Module", re.I)
+
+
+def idle_summary(events: list[dict], compute: list[dict], min_gap_us: float = 5.0) -> str:
+    """Why the compute stream sat idle: each gap before a kernel is put on the host when the kernel
+    was launched after the previous one had finished (the GPU ran out of queued work), else on a wait
+    (an event or another stream the kernel depended on). Host gaps are grouped by the innermost
+    phase-naming host range around the late launch.
+    """
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    ranges = sorted((e for e in events if e.get("cat") in ("cpu_op", "user_annotation", "python_function")
+                     and "dur" in e and _PHASE.search(e.get("name", ""))), key=lambda e: e["ts"])
+    starts = [e["ts"] for e in ranges]
+    host: dict[str, float] = defaultdict(float)
+    waited = 0.0
+    for prev, kernel in zip(compute, compute[1:]):
+        gap = kernel["ts"] - (prev["ts"] + prev["dur"])
+        if gap < min_gap_us:
+            continue
+        launch = launches.get(kernel.get("args", {}).get("correlation"))
+        if launch is None or launch["ts"] + launch.get("dur", 0) < prev["ts"] + prev["dur"]:
+            waited += gap  # queued in time: it waited on something
+            continue
+        phase = "(no phase range)"
+        last = bisect.bisect_right(starts, launch["ts"]) - 1
+        for i in range(last, max(-1, last - 5000), -1):  # innermost first; bounded, for long traces
+            r = ranges[i]
+            if r.get("tid") == launch.get("tid") and r["ts"] + r["dur"] >= launch["ts"]:
+                phase = r["name"][:70]
+                break
+        host[phase] += gap
+    lines = [f"compute-stream idle (ms): host launched late {sum(host.values()) / 1e3:.1f}, "
+             f"waited on a dependency {waited / 1e3:.1f}; host-late idle by the range it was launched in:"]
+    lines += [f"  {ms / 1e3:8.1f}  {name}" for name, ms in sorted(host.items(), key=lambda kv: -kv[1])[:12]]
     return "\n".join(lines)
 
 

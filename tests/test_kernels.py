@@ -896,5 +896,33 @@ def test_profile_stream_summary_counts_idle_and_categories(tmp_path):
     assert (stream, count) == ("7", "3") and (float(busy), float(span), float(idle)) == (17.0, 20.0, 3.0)
     copy_line = next(line for line in text.splitlines() if line.split()[0] == "20")
     assert float(copy_line.split()[2]) == 15.0
-    categories = {line.split()[0] for line in text.split("by category")[1].splitlines()[1:]}
+    categories = {line.split()[0] for line in text.split("by category")[1].split("compute-stream idle")[0]
+                  .splitlines()[1:]}
     assert categories == {"matmul", "attention", "compiled"}  # the copy stream's memcpy is not counted
+
+
+def test_profile_idle_summary_splits_host_late_from_waits():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "profile_step.py"
+    spec = importlib.util.spec_from_file_location("memtune_profile_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ms = 1000
+
+    def kernel(ts, dur, corr):
+        return {"cat": "kernel", "name": "k", "ts": ts * ms, "dur": dur * ms, "args": {"stream": 7, "correlation": corr}}
+
+    def launch(ts, corr):
+        return {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": ts * ms, "dur": 1, "tid": 1,
+                "args": {"correlation": corr}}
+
+    compute = [kernel(0, 10, 1), kernel(13, 5, 2), kernel(20, 2, 3)]
+    events = [*compute, launch(0, 1), launch(12, 2), launch(5, 3),  # kernel 2 launched late, kernel 3 in time
+              {"cat": "cpu_op", "name": "_TiledMLPBackward", "ts": 11 * ms, "dur": 3 * ms, "tid": 1},
+              {"cat": "cpu_op", "name": "autograd::engine::evaluate_function: _OffloadedCheckpointBackward",
+               "ts": 0, "dur": 30 * ms, "tid": 1}]
+    text = module.idle_summary(events, compute)
+    assert "host launched late 3.0, waited on a dependency 2.0" in text
+    assert text.splitlines()[1].split() == ["3.0", "_TiledMLPBackward"]  # the innermost range, not the outer one
