@@ -408,6 +408,8 @@ def build_model(cfg: RunConfig) -> BuiltModel:
             param.requires_grad_(True)
     if cfg.fuse_elementwise and device.type == "cuda":  # torch.compile needs a C++ toolchain on a CPU
         _fuse_elementwise(model, device, notes)  # before tiling, which wraps the MLP's forward
+    if cfg.fuse_loss and cfg.loss == "chunked" and device.type == "cuda" and compile_unavailable_reason(device):
+        notes.append(f"fuse_loss: skipped, {compile_unavailable_reason(device)}; the loss chunks run unfused")
     if cfg.residual_dtype == "fp32" and dtype != torch.float32:
         _norm_outputs_in(model, dtype)
     enable_checkpointing(model, cfg, notes)
