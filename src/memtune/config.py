@@ -68,17 +68,18 @@ class RunConfig:
     # The residual stream (the hidden states between and around the layers'
     # sublayers) in the compute dtype, or in fp32 with the matmuls and
     # attention under bf16/fp16 autocast, as `Trainer(bf16=True)` runs a model
-    # whose norms were upcast: gradients closer to an fp32 run (relative error
-    # 3.9e-2 against 4.7e-2, Trainer's 3.5e-2, on a CPU with the 1.5B shape)
-    # for twice the checkpoint bytes; the norms hand the matmuls their output in
-    # the compute dtype, so a layer's saved tensors stay as they were. Not yet
-    # measured on a GPU.
+    # whose norms were upcast: LoRA gradients as close to an fp32 run as
+    # Trainer's (on the H200 at 4096 tokens, relative error 2.47e-2 against
+    # 3.06e-2, Trainer's stack 2.40e-2), for fp32 checkpoints: at 16384 tokens
+    # 2.90 GB and 24,940 tokens/s against 2.59 GB and 30,679. The norms hand
+    # the matmuls their output in the compute dtype, so a layer's saved
+    # tensors stay as they were.
     residual_dtype: ResidualDtype = "compute"
 
     # --- memory techniques -------------------------------------------------
-    # All on by default: measured together on the H200 (1.5B shape, 16384
-    # tokens) they take 2.59 GB instead of 5.29 GB and run 16% faster
-    # (31,404 against 27,129 tokens/s; benchmarks/results/compare-h200.md).
+    # On by default (dequantize_once excepted): measured together on the H200
+    # (1.5B shape, 16384 tokens) they take 2.59 GB instead of 5.29 GB and run
+    # 17% faster (31,849 against 27,129 tokens/s; benchmarks/results/compare-h200.md).
     gradient_checkpointing: bool = True  # recompute activations: less memory, ~30% more time
     # Keep the checkpointed layer inputs in pinned host memory, copied on a
     # side stream: GPU activation memory no longer grows with depth. Needs
@@ -110,7 +111,10 @@ class RunConfig:
     # Python; each weight dequantized once per offloaded layer backward (not
     # for the recompute and again for the gradients) and once per tiled-MLP
     # pass (not per chunk). Holds a layer's dequantized weights meanwhile
-    # (77 MB for the 1.5B shape). Less host work. Off until measured on a GPU.
+    # (77 MB for the 1.5B shape). Off: on the H200 it gains nothing with
+    # 8192-token MLP chunks (28,867 against 29,818 tokens/s at 16384), but it
+    # makes smaller chunks cheap: with 4096-token chunks 2.30 GB at 30,790
+    # tokens/s against the defaults' 2.59 GB at 31,849 (compare-h200.md).
     dequantize_once: bool = False
     # chunked = never materialise the [tokens, vocab] logits (loss and its
     # gradient computed a chunk of tokens at a time); full = model's own loss.
