@@ -67,10 +67,18 @@ def _make_forward(module: nn.Module, original: Callable) -> Callable:
         result = module.base_layer(x, *args, **kwargs)
         dtype = x.dtype
         a = module.lora_A[name].weight.to(dtype)
-        # the scaling goes into the (r-wide) B weight, not over the [tokens, out] product
-        b = (module.lora_B[name].weight * module.scaling[name]).to(dtype)
-        delta = F.linear(F.linear(module.lora_dropout[name](x), a), b)
-        return result + delta.to(result.dtype)
+        b = module.lora_B[name].weight.to(dtype)
+        xa = F.linear(module.lora_dropout[name](x), a)  # [tokens, r]
+        scaling = module.scaling[name]
+        if result.dtype == dtype and result.is_contiguous() and isinstance(scaling, (int, float)):
+            # result + scaling * (xa @ b.T) as one GEMM whose epilogue reads result: the
+            # [tokens, out] product is never written and read back, and the scale and sum
+            # cost no launches (with LoRA on all seven linears of the 1.5B shape at 16384
+            # tokens: two fewer passes over 755 MB a layer, each forward pass)
+            out = torch.addmm(result.reshape(-1, result.shape[-1]), xa.reshape(-1, xa.shape[-1]), b.t(),
+                              alpha=scaling)
+            return out.view(result.shape)
+        return result + (F.linear(xa, b) * scaling).to(result.dtype)
 
     return forward
 
