@@ -129,14 +129,17 @@ def test_effective_chunk_caps_fp32_logits():
 # --------------------------------------------------------------------------- tiny Qwen2 + LoRA
 
 
-def _tiny_lora_model(dtype, dropout=0.0, targets=("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj")):
+def _tiny_lora_model(dtype, dropout=0.0, targets=("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"),
+                     family="qwen2"):
     torch.manual_seed(0)
-    config = transformers.Qwen2Config(
+    config_class, model_class = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+                                 "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM)}[family]
+    config = config_class(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=97, max_position_embeddings=256, tie_word_embeddings=False,
     )
     config._attn_implementation = "sdpa"
-    model = transformers.Qwen2ForCausalLM(config).to(dtype)
+    model = model_class(config).to(dtype)
     lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=list(targets),
                            init_lora_weights=False)  # random A and B: every LoRA tensor gets a gradient
     model = peft.get_peft_model(model, lora)
@@ -926,3 +929,65 @@ def test_profile_idle_summary_splits_host_late_from_waits():
     text = module.idle_summary(events, compute)
     assert "host launched late 3.0, waited on a dependency 2.0" in text
     assert text.splitlines()[1].split() == ["3.0", "_TiledMLPBackward"]  # the innermost range, not the outer one
+
+
+# --------------------------------------------------------------------------- fused RoPE
+
+
+def test_rope_reference_is_transformers_rope():
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+    from memtune.kernels.fused_rope import rope_reference
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 11, 16, generator=g), torch.randn(2, 2, 11, 16, generator=g)
+    cos, sin = torch.randn(2, 11, 16, generator=g), torch.randn(2, 11, 16, generator=g)
+    for got, want in zip(rope_reference(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_fused_rope_forward_matches_transformers(family, dtype, monkeypatch):
+    from memtune.kernels import fused_rope
+    from memtune.kernels.fused_rope import disable_fused_rope, enable_fused_rope
+
+    base = _tiny_lora_model(dtype, targets=("q_proj", "k_proj", "v_proj"), family=family)
+    ids, labels = _batch()
+    plain = _step(base, ids, labels)
+    fused = copy.deepcopy(base)
+    calls = []
+    reference = fused_rope.rope_reference
+    monkeypatch.setattr(fused_rope, "rope_reference", lambda *a: calls.append(1) or reference(*a))
+    assert enable_fused_rope(fused, compile_fn=False) == 2
+    assert enable_fused_rope(fused, compile_fn=False) == 2  # idempotent
+    _assert_same(_step(fused, ids, labels), plain, dtype)
+    assert len(calls) == 2  # the new forward ran, once per layer
+    # with the other kernels: offloaded checkpoints with attention kept from the forward, tiled MLP
+    enable_offloaded_checkpointing(fused, save_attention=True)
+    enable_tiled_mlp(fused, 7)
+    _assert_same(_step(fused, ids, labels), plain, dtype)
+    # padding and packed positions go through the same attention function
+    mask = torch.ones_like(ids)
+    mask[:, :4] = 0
+    positions = torch.cat([torch.arange(10), torch.arange(ids.shape[1] - 10)])[None]
+    with torch.no_grad():
+        for kwargs in ({"attention_mask": mask}, {"position_ids": positions}):
+            torch.testing.assert_close(fused(input_ids=ids, **kwargs).logits.float(),
+                                       base(input_ids=ids, **kwargs).logits.float(), **TOL[dtype])
+    disable_tiled_mlp(fused)
+    disable_offloaded_checkpointing(fused)
+    assert disable_fused_rope(fused) == 2
+
+
+def test_fused_rope_leaves_generation_with_a_cache_to_transformers():
+    from memtune.kernels import fused_rope
+
+    model = _tiny_lora_model(torch.float32)
+    model.eval()
+    ids, _ = _batch(seq=9)
+    with torch.no_grad():
+        want = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
+    fused_rope.enable_fused_rope(model, compile_fn=False)
+    with torch.no_grad():  # a forward that ignored the KV cache would decode other tokens
+        got = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(got, want)

@@ -106,6 +106,12 @@ class RunConfig:
     # Compile each RMSNorm and the MLP's silu(gate) * up into fused kernels
     # (torch.compile, same math; the first steps compile). CUDA GPUs only.
     fuse_elementwise: bool = True
+    # Compile the rotary position embedding of q and k into one kernel each way
+    # (Qwen2 and Llama attention; the attention instance gets a forward with
+    # transformers' steps, generation with a KV cache keeps transformers' own).
+    # CUDA GPUs only. Off until measured on a GPU: by the H200 profile, eager
+    # RoPE is about 25 ms of a 16384-token step's kernels and ~1000 launches.
+    fuse_rope: bool = False
     # Frozen 4-bit linears (nf4/fp4 LoRA) on memtune's own short path: one
     # dequantize and one matmul each way instead of bitsandbytes' layers of
     # Python; each weight dequantized once per offloaded layer backward (not
@@ -334,7 +340,7 @@ def from_dict(values: dict[str, Any], source: str = "config") -> RunConfig:
 # them had: a stored config without the key is read back as what actually ran.
 LEGACY_VALUES: dict[str, Any] = {"lora_matmul": "fp32", "embeddings_on_host": False, "fuse_elementwise": False,
                                  "save_attention": False, "dequantize_once": False,
-                                 "fuse_loss": False, "residual_dtype": "compute"}
+                                 "fuse_loss": False, "residual_dtype": "compute", "fuse_rope": False}
 
 
 def from_stored_dict(values: dict[str, Any]) -> RunConfig:

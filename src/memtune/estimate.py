@@ -837,6 +837,8 @@ def _summary(row: dict[str, Any]) -> str:
         bits.append("host-emb")
     if cfg.get("fuse_elementwise"):
         bits.append("fused")
+    if cfg.get("fuse_rope"):
+        bits.append("fused-rope")
     if cfg.get("lora", True) and cfg.get("lora_matmul") == "compute":
         bits.append("bf16-lora")
     if cfg.get("dequantize_once"):

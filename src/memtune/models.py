@@ -370,15 +370,19 @@ def compile_unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def _fuse_elementwise(model: nn.Module, device: torch.device, notes: list[str]) -> None:
+def _compile_kernels(field: str, model: nn.Module, device: torch.device, notes: list[str]) -> None:
+    """Install the compiled kernels of `field` (fuse_elementwise or fuse_rope), with a note either way."""
     reason = compile_unavailable_reason(device)
     if reason is not None:
-        notes.append(f"fuse_elementwise: skipped, {reason}")
+        notes.append(f"{field}: skipped, {reason}")
         return
-    from memtune.kernels import enable_fused_elementwise
+    from memtune.kernels import enable_fused_elementwise, enable_fused_rope
 
-    count = enable_fused_elementwise(model)
-    notes.append(f"fuse_elementwise: {count} RMSNorm/MLP modules compiled (the first steps compile)")
+    enable, what = {"fuse_elementwise": (enable_fused_elementwise, "RMSNorm/MLP modules"),
+                    "fuse_rope": (enable_fused_rope, "Qwen2/Llama attention modules (RoPE)")}[field]
+    count = enable(model)
+    notes.append(f"{field}: {count} {what} compiled (the first steps compile)" if count
+                 else f"{field}: skipped, no {what}")
 
 
 def build_model(cfg: RunConfig) -> BuiltModel:
@@ -407,7 +411,9 @@ def build_model(cfg: RunConfig) -> BuiltModel:
         for param in model.parameters():
             param.requires_grad_(True)
     if cfg.fuse_elementwise and device.type == "cuda":  # torch.compile needs a C++ toolchain on a CPU
-        _fuse_elementwise(model, device, notes)  # before tiling, which wraps the MLP's forward
+        _compile_kernels("fuse_elementwise", model, device, notes)  # before tiling, which wraps the MLP's forward
+    if cfg.fuse_rope and device.type == "cuda":
+        _compile_kernels("fuse_rope", model, device, notes)
     if cfg.fuse_loss and cfg.loss == "chunked" and device.type == "cuda" and compile_unavailable_reason(device):
         notes.append(f"fuse_loss: skipped, {compile_unavailable_reason(device)}; the loss chunks run unfused")
     if cfg.residual_dtype == "fp32" and dtype != torch.float32:

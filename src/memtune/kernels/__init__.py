@@ -6,6 +6,7 @@
     enable_tiled_mlp(model, chunk_tokens) -> int     # disable_tiled_mlp(model)
     enable_compute_dtype_lora(model) -> int          # disable_compute_dtype_lora(model)
     enable_fused_elementwise(model) -> int           # compiled RMSNorm and silu(gate) * up (CUDA)
+    enable_fused_rope(model) -> int                  # compiled RoPE of q and k (Qwen2/Llama attention)
     enable_host_embeddings(model) -> str | None      # disable_host_embeddings(model); None = moved
 
     enable_frozen_int8_backward(model) -> int        # int8 linears keep no input for backward
@@ -17,6 +18,7 @@ All patches act on module instances, never on library classes.
 from memtune.kernels.cross_entropy import chunked_linear_cross_entropy, effective_chunk_tokens
 from memtune.kernels.frozen_4bit import dequantized_once, disable_frozen_4bit_linears, enable_frozen_4bit_linears
 from memtune.kernels.fused import disable_fused_elementwise, enable_fused_elementwise
+from memtune.kernels.fused_rope import disable_fused_rope, enable_fused_rope
 from memtune.kernels.host_embedding import (
     disable_host_embeddings,
     enable_host_embeddings,
@@ -52,6 +54,8 @@ __all__ = [
     "disable_compute_dtype_lora",
     "enable_fused_elementwise",
     "disable_fused_elementwise",
+    "enable_fused_rope",
+    "disable_fused_rope",
     "enable_host_embeddings",
     "disable_host_embeddings",
     "host_embedding_weight",
