@@ -79,7 +79,10 @@ def stream_summary(trace_path: Path) -> str:
     lines.append("compute-stream kernels by category (ms, count):")
     for label, (dur, count) in sorted(totals.items(), key=lambda kv: -kv[1][0]):
         lines.append(f"  {label:<20} {dur / 1e3:8.1f} {count:>6}")
-    lines.append(idle_summary(events, sorted(by_stream[compute], key=lambda e: e["ts"])))
+    try:  # a trace format this parser does not know must not cost the rest of the profile
+        lines.append(idle_summary(events, sorted(by_stream[compute], key=lambda e: e["ts"])))
+    except (KeyError, TypeError, ValueError) as err:
+        lines.append(f"compute-stream idle: not read from this trace ({type(err).__name__}: {err})")
     return "\n".join(lines)
 
 
