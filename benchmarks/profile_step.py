@@ -80,7 +80,7 @@ def stream_summary(trace_path: Path) -> str:
     for label, (dur, count) in sorted(totals.items(), key=lambda kv: -kv[1][0]):
         lines.append(f"  {label:<20} {dur / 1e3:8.1f} {count:>6}")
     try:  # a trace format this parser does not know must not cost the rest of the profile
-        lines.append(idle_summary(events, sorted(by_stream[compute], key=lambda e: e["ts"])))
+        lines.append(idle_summary(events, by_stream[compute]))  # sorted by time in the loop above
     except (KeyError, TypeError, ValueError) as err:
         lines.append(f"compute-stream idle: not read from this trace ({type(err).__name__}: {err})")
     return "\n".join(lines)
@@ -147,17 +147,14 @@ def sync_report(step) -> str:
         where = f"{frames[-1].filename.split('/src/')[-1]}:{frames[-1].lineno} {frames[-1].name}" if frames else "?"
         sites[where] += 1
 
-    previous = warnings.showwarning
-    warnings.showwarning = record
     torch.cuda.set_sync_debug_mode("warn")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # restores showwarning and the filters on exit
             warnings.simplefilter("always")
             warnings.showwarning = record
             step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-        warnings.showwarning = previous
     lines = [f"synchronizing calls in one step: {sum(sites.values())}"]
     lines += [f"  {count:>5}  {where}" for where, count in sorted(sites.items(), key=lambda kv: -kv[1])[:15]]
     return "\n".join(lines)

@@ -357,6 +357,7 @@ def _move_embeddings_to_host(model: nn.Module, notes: list[str]) -> None:
 
 
 @functools.lru_cache(maxsize=None)  # asked on every training step by the fused loss
+@functools.cache  # asked at every training step by the loss: a Triton import and a capability query
 def compile_unavailable_reason(device: torch.device) -> str | None:
     """Why torch.compile's GPU kernels cannot be used on `device`, or None when they can."""
     if device.type != "cuda":
@@ -414,8 +415,9 @@ def build_model(cfg: RunConfig) -> BuiltModel:
         _compile_kernels("fuse_elementwise", model, device, notes)  # before tiling, which wraps the MLP's forward
     if cfg.fuse_rope and device.type == "cuda":
         _compile_kernels("fuse_rope", model, device, notes)
-    if cfg.fuse_loss and cfg.loss == "chunked" and device.type == "cuda" and compile_unavailable_reason(device):
-        notes.append(f"fuse_loss: skipped, {compile_unavailable_reason(device)}; the loss chunks run unfused")
+    loss_reason = compile_unavailable_reason(device) if cfg.fuse_loss and cfg.loss == "chunked" else None
+    if device.type == "cuda" and loss_reason:
+        notes.append(f"fuse_loss: skipped, {loss_reason}; the loss chunks run unfused")
     if cfg.residual_dtype == "fp32" and dtype != torch.float32:
         _norm_outputs_in(model, dtype)
     enable_checkpointing(model, cfg, notes)

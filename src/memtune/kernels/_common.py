@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -53,6 +53,18 @@ def swap_forward(module: nn.Module, attr: str, make_forward: Callable[[nn.Module
     if module.__dict__.get(attr) is None:
         setattr(module, attr, {"had_own_forward": "forward" in module.__dict__, "original": module.forward, **extra})
         module.forward = make_forward(module, module.__dict__[attr]["original"])
+
+
+def swap_forwards(modules: list[nn.Module], attr: str, make_forward: Callable[[nn.Module, Callable], Callable]) -> int:
+    """`swap_forward` on each of `modules`; returns how many."""
+    for module in modules:
+        swap_forward(module, attr, make_forward)
+    return len(modules)
+
+
+def restore_forwards(modules: Iterable[nn.Module], attr: str) -> int:
+    """`restore_forward` on each of `modules`; returns how many had a swap to undo."""
+    return sum(restore_forward(module, attr) is not None for module in modules)
 
 
 def restore_forward(module: nn.Module, attr: str) -> dict[str, Any] | None:

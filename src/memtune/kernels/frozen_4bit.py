@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memtune.kernels._common import restore_forward, swap_forward
+from memtune.kernels._common import restore_forwards, swap_forwards
 
 __all__ = ["enable_frozen_4bit_linears", "disable_frozen_4bit_linears", "dequantized_once"]
 
@@ -109,12 +109,9 @@ def _four_bit_linears(model: nn.Module) -> list[nn.Module]:
 
 def enable_frozen_4bit_linears(model: nn.Module) -> int:
     """Give every bitsandbytes Linear4bit of `model` the short frozen-weight path; returns how many. Idempotent."""
-    layers = _four_bit_linears(model)
-    for layer in layers:
-        swap_forward(layer, _ATTR, _make_forward)
-    return len(layers)
+    return swap_forwards(_four_bit_linears(model), _ATTR, _make_forward)
 
 
 def disable_frozen_4bit_linears(model: nn.Module) -> int:
     """Undo `enable_frozen_4bit_linears`; returns the number of layers restored."""
-    return sum(restore_forward(layer, _ATTR) is not None for layer in _four_bit_linears(model))
+    return restore_forwards(_four_bit_linears(model), _ATTR)

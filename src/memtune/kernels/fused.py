@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memtune.kernels._common import base_model, restore_forward, swap_forward
+from memtune.kernels._common import base_model, restore_forwards, swap_forward
 
 __all__ = ["enable_fused_elementwise", "disable_fused_elementwise", "rms_norm_reference", "silu_mul_reference"]
 
@@ -99,8 +99,4 @@ def enable_fused_elementwise(model: nn.Module, compile_fn: bool = True) -> int:
 
 
 def disable_fused_elementwise(model: nn.Module) -> int:
-    count = 0
-    for module in base_model(model).modules():
-        if restore_forward(module, _ATTR) is not None:
-            count += 1
-    return count
+    return restore_forwards(base_model(model).modules(), _ATTR)

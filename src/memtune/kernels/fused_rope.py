@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from memtune.kernels._common import base_model, restore_forward, swap_forward
+from memtune.kernels._common import base_model, restore_forwards, swap_forwards
 
 __all__ = ["enable_fused_rope", "disable_fused_rope", "rope_reference"]
 
@@ -53,12 +53,12 @@ def _compiled() -> Callable:
     return torch.compile(rope_reference, dynamic=True)  # one kernel for every sequence length
 
 
-def _attention_function(module: nn.Module) -> Callable | None:
-    """The attention function the module's own forward would call now (the registry may be wrapped)."""
+def _attention_function(module: nn.Module, eager: Callable | None) -> Callable | None:
+    """The attention function the module's own forward would call now (the registry may be wrapped;
+    `eager` is the modeling module's own eager_attention_forward)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     impl = getattr(module.config, "_attn_implementation", None) or "eager"
-    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     if impl == "eager":
         return eager
     if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
@@ -69,10 +69,11 @@ def _attention_function(module: nn.Module) -> Callable | None:
 def _make_forward(module: nn.Module, original: Callable, compile_fn: bool) -> Callable:
     rope = _compiled() if compile_fn else rope_reference
     has_window = hasattr(module, "sliding_window")  # Qwen2 passes it on; Llama has none
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
 
     def forward(hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, *args: Any,
                 **kwargs: Any):
-        attention = _attention_function(module)
+        attention = _attention_function(module, eager)
         if args or position_embeddings is None or attention is None \
                 or any(kwargs.get(name) is not None for name in _CACHE_KWARGS):
             return original(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
@@ -108,11 +109,9 @@ def enable_fused_rope(model: nn.Module, compile_fn: bool = True) -> int:
     compile_fn=False installs the same forward with the uncompiled function (for testing it anywhere).
     """
     modules = [m for m in base_model(model).modules() if _is_known_attention(m)]
-    for module in modules:
-        swap_forward(module, _ATTR, lambda m, original: _make_forward(m, original, compile_fn))
-    return len(modules)
+    return swap_forwards(modules, _ATTR, lambda m, original: _make_forward(m, original, compile_fn))
 
 
 def disable_fused_rope(model: nn.Module) -> int:
     """Undo `enable_fused_rope`; returns the number of modules restored."""
-    return sum(restore_forward(m, _ATTR) is not None for m in base_model(model).modules())
+    return restore_forwards(base_model(model).modules(), _ATTR)

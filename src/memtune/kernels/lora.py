@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memtune.kernels._common import base_model, restore_forward, swap_forward
+from memtune.kernels._common import base_model, restore_forwards, swap_forwards
 
 __all__ = ["enable_compute_dtype_lora", "disable_compute_dtype_lora"]
 
@@ -85,16 +85,9 @@ def _make_forward(module: nn.Module, original: Callable) -> Callable:
 
 def enable_compute_dtype_lora(model: nn.Module) -> int:
     """Run every plain LoRA adapter of `model` in its input's dtype; returns the number of modules. Idempotent."""
-    modules = _lora_modules(model)
-    for module in modules:
-        swap_forward(module, _ATTR, _make_forward)
-    return len(modules)
+    return swap_forwards(_lora_modules(model), _ATTR, _make_forward)
 
 
 def disable_compute_dtype_lora(model: nn.Module) -> int:
     """Undo `enable_compute_dtype_lora`; returns the number of modules restored."""
-    count = 0
-    for module in _lora_modules(model):
-        if restore_forward(module, _ATTR) is not None:
-            count += 1
-    return count
+    return restore_forwards(_lora_modules(model), _ATTR)

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from memtune.kernels._common import (RngState, autocast_state, decoder_layers, outputs_are_discarded, replay_autocast,
-                                     restore_forward, trainable_params)
+                                     restore_forwards, trainable_params)
 from memtune.kernels.frozen_4bit import dequantized_once
 
 __all__ = ["enable_tiled_mlp", "disable_tiled_mlp", "tiled_mlp_chunk"]
@@ -161,12 +161,7 @@ def enable_tiled_mlp(model: nn.Module, chunk_tokens: int) -> int:
 
 def disable_tiled_mlp(model: nn.Module) -> int:
     """Undo `enable_tiled_mlp`; returns the number of MLPs restored."""
-    count = 0
-    for layer in decoder_layers(model):
-        mlp = _mlp_of(layer)
-        if mlp is not None and restore_forward(mlp, _ATTR) is not None:
-            count += 1
-    return count
+    return restore_forwards([m for m in map(_mlp_of, decoder_layers(model)) if m is not None], _ATTR)
 
 
 def tiled_mlp_chunk(model: nn.Module) -> int:
