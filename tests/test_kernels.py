@@ -71,6 +71,33 @@ def test_chunked_ce_matches_full_logits(dtype, with_bias, n_tokens, chunk, mask,
         torch.testing.assert_close(g.float(), r.float(), **TOL[dtype])
 
 
+@pytest.mark.parametrize("mask", ["strided", "prompt", "none"])
+def test_chunked_ce_reads_the_labelled_tokens_from_host_labels(monkeypatch, mask):
+    # the training step hands over its host copy of the labels so the GPU never waits for their count
+    from memtune.kernels import cross_entropy as ce
+
+    torch.manual_seed(3)
+    hidden = torch.randn(29, 16, requires_grad=True)
+    weight = torch.randn(40, 16)
+    labels = torch.randint(0, 40, (29,))
+    if mask == "strided":
+        labels[1::3] = -100
+    elif mask == "prompt":
+        labels[:10] = -100
+    host = labels.clone()
+    seen = []
+    real = ce._label_layout
+    monkeypatch.setattr(ce, "_label_layout", lambda lab, ignore: seen.append(lab) or real(lab, ignore))
+    loss, (grad,) = _grads(lambda: chunked_linear_cross_entropy(hidden, weight, labels, chunk_tokens=6,
+                                                                fused="eager", host_labels=host), [hidden])
+    assert len(seen) == 1 and seen[0].data_ptr() == host.data_ptr()
+    ref, (ref_grad,) = _grads(lambda: _reference(hidden, weight, labels, None), [hidden])
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(grad, ref_grad)
+    with pytest.raises(ValueError, match="host_labels"):
+        chunked_linear_cross_entropy(hidden, weight, labels, host_labels=host[:-1])
+
+
 def test_chunked_ce_frozen_weight_and_grad_output_scaling():
     torch.manual_seed(1)
     hidden = torch.randn(2, 13, 16, requires_grad=True)  # [B, T, H] is flattened
@@ -535,6 +562,31 @@ def test_tiled_mlp_skips_its_forward_in_an_offloaded_recompute():
     assert len(calls) == 2 * 2 * 3
 
 
+@pytest.mark.parametrize("quantized", [False, True], ids=["plain", "nf4"])
+def test_tiled_mlp_backward_skips_a_frozen_down_proj_product(quantized):
+    # LoRA on q/v only: in the tiled backward down_proj's output is never read, only grad @ W_down,
+    # so its product runs in the forward's 3 chunks per layer and not again in backward
+    model = _tiny_lora_model(torch.float32, targets=("q_proj", "v_proj"))
+    if quantized:
+        model = _with_4bit_mlps(model)
+    ids, labels = _batch(seq=21)
+    plain = _step(copy.deepcopy(model), ids, labels)
+    enable_tiled_mlp(model, 8)
+    enable_offloaded_checkpointing(model)
+    calls = []
+    for layer in model.get_base_model().model.layers:
+        down = layer.mlp.down_proj
+        down.forward = (lambda original: lambda x: calls.append(1) or original(x))(down.forward)
+    _assert_same(_step(model, ids, labels), plain, torch.float32)
+    assert len(calls) == 2 * 3
+    if not quantized:  # a trainable down_proj needs its product in backward: it runs there again
+        for layer in model.get_base_model().model.layers:
+            layer.mlp.down_proj.weight.requires_grad_(True)
+        calls.clear()
+        _step(model, ids, labels)
+        assert len(calls) == 2 * 3 * 2
+
+
 def test_tiled_mlp_recompute_replays_dropout():
     # with dropout the tiled forward draws per-chunk masks; its backward must replay them:
     # compare against the same chunked computation differentiated directly
@@ -858,7 +910,7 @@ def test_host_embeddings_match_and_train(dtype):
     assert torch.equal(lookup_on_host(moved, ids, ids.device), table[ids])
     assert lookup_on_host(base, ids, ids.device) is None
     cfg = RunConfig(loss="full")
-    torch.testing.assert_close(forward_loss(moved, {"input_ids": ids, "labels": labels}, cfg, host_ids=ids),
+    torch.testing.assert_close(forward_loss(moved, {"input_ids": ids, "labels": labels}, cfg, host_batch={"input_ids": ids}),
                                forward_loss(base, {"input_ids": ids, "labels": labels}, cfg), **TOL[dtype])
     assert disable_host_embeddings(moved) and host_embedding_weight(moved) is None
 

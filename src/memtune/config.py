@@ -109,9 +109,11 @@ class RunConfig:
     # Compile the rotary position embedding of q and k into one kernel each way
     # (Qwen2 and Llama attention; the attention instance gets a forward with
     # transformers' steps, generation with a KV cache keeps transformers' own).
-    # CUDA GPUs only. Off until measured on a GPU: by the H200 profile, eager
-    # RoPE is about 25 ms of a 16384-token step's kernels and ~1000 launches.
-    fuse_rope: bool = False
+    # CUDA GPUs only. Eager RoPE is about 1000 launches a 16384-token step of
+    # the 1.5B shape, and that step waits on the host: compiled, it measured
+    # 33,614 tokens/s against 28,875 in the same H200 command
+    # (benchmarks/results/compare-h200-11.log).
+    fuse_rope: bool = True
     # Frozen 4-bit linears (nf4/fp4 LoRA) on memtune's own short path: one
     # dequantize and one matmul each way instead of bitsandbytes' layers of
     # Python; each weight dequantized once per offloaded layer backward (not

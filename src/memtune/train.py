@@ -7,13 +7,15 @@ median optimizer step after warm-up.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import math
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -89,16 +91,19 @@ def setup(cfg: RunConfig, log: Callable[[str], None]) -> Session:
 # --- the step ------------------------------------------------------------------
 
 def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: RunConfig,
-                 host_ids: torch.Tensor | None = None) -> torch.Tensor:
+                 host_batch: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Mean next-token loss over the unmasked labels.
 
     `chunked` runs the decoder, then the lm_head and cross-entropy a chunk of
     tokens at a time, so the [tokens, vocab] logits (10 GB in fp32 for 16k
-    tokens and a 152k vocabulary) never exist. `host_ids`: the batch's token
-    ids still on the host, for an embedding table kept there (no wait for the GPU).
+    tokens and a 152k vocabulary) never exist. `host_batch`: the same batch
+    still on the host: its token ids feed an embedding table kept there, its
+    labels tell the loss which tokens count, both without waiting for the GPU.
     """
     from memtune.kernels import lookup_on_host
 
+    host_batch = host_batch or {}
+    host_ids = host_batch.get("input_ids")
     embeds = lookup_on_host(model, host_ids, batch["input_ids"].device) if host_ids is not None else None
     if cfg.residual_dtype == "fp32":
         if embeds is None:
@@ -106,13 +111,13 @@ def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: RunConfi
         if embeds.dtype != torch.float32:
             # fp32 hidden states from here on; every matmul and attention runs in the compute dtype
             with torch.autocast(device_type=embeds.device.type, dtype=embeds.dtype):
-                return _forward_loss(model, {"inputs_embeds": embeds.float()}, batch, cfg)
+                return _forward_loss(model, {"inputs_embeds": embeds.float()}, batch, cfg, host_batch)
     inputs = {"input_ids": batch["input_ids"]} if embeds is None else {"inputs_embeds": embeds}
-    return _forward_loss(model, inputs, batch, cfg)
+    return _forward_loss(model, inputs, batch, cfg, host_batch)
 
 
 def _forward_loss(model: nn.Module, inputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
-                  cfg: RunConfig) -> torch.Tensor:
+                  cfg: RunConfig, host_batch: dict[str, torch.Tensor]) -> torch.Tensor:
     if "position_ids" in batch:
         inputs["position_ids"] = batch["position_ids"]
     lm = base_model(model)
@@ -126,9 +131,11 @@ def _forward_loss(model: nn.Module, inputs: dict[str, torch.Tensor], batch: dict
     # Position t predicts token t+1.
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     labels = batch["labels"][:, 1:].reshape(-1)
+    host_labels = host_batch.get("labels")
     return chunked_linear_cross_entropy(hidden, head.weight, labels, bias=head.bias,
                                         chunk_tokens=cfg.loss_chunk_tokens,
-                                        fused=cfg.fuse_loss and compile_unavailable_reason(hidden.device) is None)
+                                        fused=cfg.fuse_loss and compile_unavailable_reason(hidden.device) is None,
+                                        host_labels=None if host_labels is None else host_labels[:, 1:])
 
 
 def train_step(session: Session, batches) -> float:
@@ -138,7 +145,7 @@ def train_step(session: Session, batches) -> float:
     for _ in range(cfg.grad_accum):
         host_batch = next(batches)
         batch = {k: v.to(session.built.device, non_blocking=True) for k, v in host_batch.items()}
-        loss = forward_loss(model, batch, cfg, host_ids=host_batch["input_ids"]) / cfg.grad_accum
+        loss = forward_loss(model, batch, cfg, host_batch=host_batch) / cfg.grad_accum
         (session.scaler.scale(loss) if session.scaler else loss).backward()
         total += loss.detach()
     if session.scaler:
@@ -182,18 +189,37 @@ def train_loop(session: Session, progress: bool) -> tuple[list[float], measure.S
     timer = measure.StepTimer(device)
     losses, grads_bytes = [], 0
     bar = tqdm(range(cfg.steps), desc="train", unit="step", disable=not progress, dynamic_ncols=True)
-    for _ in bar:
-        timer.start()
-        loss = train_step(session, batches)
-        # Gradients are largest right after backward; measure them before they are freed.
-        grads_bytes = max(grads_bytes, measure.gradient_bytes(model))
-        session.optimizer.zero_grad(set_to_none=True)
-        timer.stop()
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss} at step {len(losses) + 1}; lower learning_rate")
-        losses.append(loss)
-        bar.set_postfix(loss=f"{loss:.4f}")
+    with long_lived_objects_frozen():
+        for _ in bar:
+            timer.start()
+            loss = train_step(session, batches)
+            # Gradients are largest right after backward; measure them before they are freed.
+            grads_bytes = max(grads_bytes, measure.gradient_bytes(model))
+            session.optimizer.zero_grad(set_to_none=True)
+            timer.stop()
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss} at step {len(losses) + 1}; lower learning_rate")
+            losses.append(loss)
+            bar.set_postfix(loss=f"{loss:.4f}")
     return losses, timer, grads_bytes
+
+
+@contextlib.contextmanager
+def long_lived_objects_frozen() -> Iterator[None]:
+    """Keep Python's cyclic garbage collector off the objects that outlive the loop.
+
+    A process holding torch, transformers, peft and a model tracks about half a
+    million objects; a full collection of them takes 0.1-0.2 s and lands in some
+    step at random. A long-context step waits on the host (the GPU idles
+    while Python launches the next layer), so the stall shows up as a slow step.
+    Frozen, they are never scanned again; what the steps make is still collected.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def run(cfg: RunConfig, out_dir: Path, log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:

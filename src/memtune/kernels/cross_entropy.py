@@ -88,10 +88,27 @@ def _fused_chunk_fn():
     return torch.compile(chunk_loss_and_grad, dynamic=True)
 
 
+def _label_layout(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, int, int, bool]:
+    """(indices of the labelled tokens, their count, the first one, whether they form one run).
+
+    Labelled tokens forming one run (all of them, or a masked prompt / the
+    shifted-out last position) are a slice: no gather of hidden, no scatter of
+    its gradient. On a GPU tensor this reads the count back (a host sync); on
+    a host copy of the labels it costs the GPU nothing.
+    """
+    valid_idx = (labels != ignore_index).nonzero().squeeze(1)
+    n_valid = int(valid_idx.numel())
+    first = 0
+    contiguous = n_valid == labels.numel()
+    if n_valid and not contiguous:
+        first, last = valid_idx[[0, -1]].tolist()
+        contiguous = last - first + 1 == n_valid
+    return valid_idx, n_valid, first, contiguous
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_tokens, ignore_index, compute_dtype, fused):
-        n_tokens, _ = hidden.shape
+    def forward(ctx, hidden, weight, bias, labels, chunk_tokens, ignore_index, compute_dtype, fused, layout):
         vocab = weight.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
@@ -99,15 +116,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         w = weight if weight.dtype == compute_dtype else weight.to(compute_dtype)  # one copy, only if dtypes differ
         b = None if bias is None else (bias if bias.dtype == compute_dtype else bias.to(compute_dtype))
 
-        valid_idx = (labels != ignore_index).nonzero().squeeze(1)  # one host sync per call
-        n_valid = int(valid_idx.numel())
-        # Labelled tokens forming one run (all of them, or a masked prompt / the shifted-out
-        # last position) are a slice: no gather of hidden, no scatter of its gradient.
-        first = 0
-        contiguous = n_valid == n_tokens
-        if n_valid and not contiguous:
-            first, last = valid_idx[[0, -1]].tolist()
-            contiguous = last - first + 1 == n_valid
+        valid_idx, n_valid, first, contiguous = layout or _label_layout(labels, ignore_index)
+        if valid_idx.device != hidden.device and not contiguous:
+            # only a scattered layout needs the indices on the GPU; pinned, so the copy does not sync
+            valid_idx = valid_idx.pin_memory().to(hidden.device, non_blocking=True)
 
         grad_hidden = torch.zeros_like(hidden) if need_h else None
         grad_weight = torch.zeros(vocab, weight.shape[1], dtype=torch.float32, device=weight.device) if need_w else None
@@ -182,7 +194,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             gw = (grad_weight * grad_output).to(ctx.weight_dtype)
         if grad_bias is not None:
             gb = (grad_bias * grad_output).to(ctx.bias_dtype)
-        return gh, gw, gb, None, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None, None
 
 
 def _accumulate_grads(g, h, w, grad_hidden, grad_weight, valid_idx, first, start, contiguous, need_h, need_w):
@@ -207,6 +219,7 @@ def chunked_linear_cross_entropy(
     *,
     max_chunk_bytes: int | None = _DEFAULT_MAX_CHUNK_BYTES,
     fused: bool | str = False,
+    host_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T + bias` against `labels`, without the full logits.
 
@@ -219,7 +232,10 @@ def chunked_linear_cross_entropy(
     chunk logits stay within `max_chunk_bytes` (None: no cap). fused=True runs
     each chunk's softmax and gradient as one compiled function
     (`chunk_loss_and_grad`, torch.compile); fused="eager" runs the same
-    function uncompiled (for testing it anywhere).
+    function uncompiled (for testing it anywhere). `host_labels`: the same
+    labels in host memory, if the caller has them; which tokens are labelled
+    is then read there, and the GPU is not made to wait for that mid-step
+    (the host keeps running ahead into backward).
     """
     if hidden.shape[-1] != weight.shape[-1]:
         raise ValueError(f"hidden size {hidden.shape[-1]} does not match weight {tuple(weight.shape)}")
@@ -227,10 +243,17 @@ def chunked_linear_cross_entropy(
     labels = labels.reshape(-1)
     if labels.shape[0] != hidden.shape[0]:
         raise ValueError(f"{labels.shape[0]} labels for {hidden.shape[0]} hidden states")
+    layout = None
+    if host_labels is not None and host_labels.device.type == "cpu":
+        host_labels = host_labels.reshape(-1)
+        if host_labels.shape != labels.shape:
+            raise ValueError(f"host_labels has {host_labels.shape[0]} labels, labels {labels.shape[0]}")
+        layout = _label_layout(host_labels, ignore_index)
     if labels.device != hidden.device:
         labels = labels.to(hidden.device)
     chunk = effective_chunk_tokens(chunk_tokens, weight.shape[0], max_chunk_bytes)
     compute_dtype = _compute_dtype(hidden, weight)
     with torch.autocast(device_type=hidden.device.type, enabled=False):
         fn = None if not fused else (chunk_loss_and_grad if fused == "eager" else _fused_chunk_fn())
-        return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk, ignore_index, compute_dtype, fn)
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk, ignore_index, compute_dtype, fn,
+                                                layout)

@@ -37,7 +37,8 @@ from torch import nn
 
 from memtune.kernels._common import restore_forwards, swap_forwards
 
-__all__ = ["enable_frozen_4bit_linears", "disable_frozen_4bit_linears", "dequantized_once"]
+__all__ = ["enable_frozen_4bit_linears", "disable_frozen_4bit_linears", "dequantized_once", "frozen_4bit_weight",
+           "takes_short_path"]
 
 _ATTR = "_memtune_frozen_4bit"
 _SCOPE = threading.local()  # .cache: {id(layer): W} inside dequantized_once(), else None
@@ -56,7 +57,7 @@ def dequantized_once() -> Iterator[None]:
         _SCOPE.cache = None
 
 
-def _weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+def frozen_4bit_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """W [out, in] in `dtype`: from the scope's cache, or dequantized now (and cached in a scope)."""
     import bitsandbytes.functional as bnbf
 
@@ -73,14 +74,14 @@ class _Frozen4bitLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.layer = layer  # a module reference: nothing per token is kept
-        return F.linear(x, _weight(layer, x.dtype), bias)
+        return F.linear(x, frozen_4bit_weight(layer, x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        return torch.matmul(grad_out, _weight(ctx.layer, grad_out.dtype)), None, None
+        return torch.matmul(grad_out, frozen_4bit_weight(ctx.layer, grad_out.dtype)), None, None
 
 
-def _takes_short_path(layer: nn.Module, x: torch.Tensor) -> bool:
+def takes_short_path(layer: nn.Module, x: torch.Tensor) -> bool:
     weight, bias = layer.weight, layer.bias
     state = getattr(weight, "quant_state", None)
     return (layer.training and isinstance(x, torch.Tensor)
@@ -92,7 +93,7 @@ def _takes_short_path(layer: nn.Module, x: torch.Tensor) -> bool:
 
 def _make_forward(layer: nn.Module, original: Callable) -> Callable:
     def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if args or kwargs or not _takes_short_path(layer, x):
+        if args or kwargs or not takes_short_path(layer, x):
             return original(x, *args, **kwargs)
         return _Frozen4bitLinear.apply(x, layer, layer.bias)
 

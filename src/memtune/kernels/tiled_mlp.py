@@ -19,6 +19,14 @@ layers whose MLP output only enters the residual sum that the layer returns
 returns zeros of the right shape, since its own backward recomputes each
 chunk anyway: the MLP forward runs twice, as in an untiled checkpointed layer.
 
+In its own backward the MLP's output values are not read either: only
+d(loss)/d(input of down_proj) is, which for a frozen down_proj (LoRA on the
+attention only, the seed's setting) is grad_out @ W_down and needs no
+forward product. In MLPs that return down_proj's output as it is
+(`_RETURNS_DOWN_PROJ`), a frozen 4-bit or plain down_proj therefore skips its
+matmul in the tiled backward: a sixth of the MLP's flops in that pass (16 ms
+of an H200's 16384-token step of the 1.5B shape, by the flop count).
+
 Only the MLP input [tokens, hidden] is saved. The module instance gets its own
 `forward`. Without anything to differentiate (no grad mode, as in eval or the
 first pass of a checkpointed layer) the chunks run without the autograd
@@ -28,14 +36,15 @@ than one chunk (generation) call the original forward.
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from memtune.kernels._common import (RngState, autocast_state, decoder_layers, outputs_are_discarded, replay_autocast,
-                                     restore_forwards, trainable_params)
-from memtune.kernels.frozen_4bit import dequantized_once
+                                     restore_forward, restore_forwards, swap_forward, trainable_params)
+from memtune.kernels.frozen_4bit import dequantized_once, frozen_4bit_weight, takes_short_path
 
 __all__ = ["enable_tiled_mlp", "disable_tiled_mlp", "tiled_mlp_chunk"]
 
@@ -62,10 +71,65 @@ _OUTPUT_ONLY_IN_RESIDUAL = frozenset({"LlamaDecoderLayer", "Qwen2DecoderLayer", 
                                       "MistralDecoderLayer"})
 
 
+# Gated MLPs whose forward returns `down_proj(...)` unchanged.
+_RETURNS_DOWN_PROJ = frozenset({"LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP"})
+_GRAD_ONLY_ATTR = "_memtune_grad_only"
+
+
+class _InputGradOnly(torch.autograd.Function):
+    """A frozen linear whose output values nobody reads: no product forward, dL/dx = dL/dy @ W backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight_of: Callable[[torch.dtype], torch.Tensor], out_features: int):
+        ctx.weight_of = weight_of
+        return x.new_empty(*x.shape[:-1], out_features)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        return torch.matmul(grad_out, ctx.weight_of(grad_out.dtype)), None, None
+
+
+def _frozen_weight_of(layer: nn.Module, x: torch.Tensor) -> Callable[[torch.dtype], torch.Tensor] | None:
+    """How to get W [out, in] of a frozen linear called on `x`, when its gradient is just grad @ W; else None."""
+    if torch.is_autocast_enabled(x.device.type):
+        return None
+    if getattr(layer.weight, "quant_state", None) is not None:
+        return (lambda dtype: frozen_4bit_weight(layer, dtype)) if takes_short_path(layer, x) else None
+    if (type(layer) is nn.Linear and not layer.weight.requires_grad and layer.weight.dtype == x.dtype
+            and (layer.bias is None or not layer.bias.requires_grad)):
+        return lambda dtype: layer.weight.to(dtype)
+    return None
+
+
+@contextlib.contextmanager
+def _down_proj_grad_only(mlp: nn.Module) -> Iterator[None]:
+    """Within the block a frozen down_proj of a `_RETURNS_DOWN_PROJ` MLP computes no output, only its input grad."""
+    down = getattr(mlp, "down_proj", None)
+    if type(mlp).__name__ not in _RETURNS_DOWN_PROJ or down is None or not hasattr(down, "weight"):
+        yield
+        return
+
+    def make_forward(layer: nn.Module, original: Callable) -> Callable:
+        def forward(x: torch.Tensor, *args, **kwargs):
+            weight_of = None if args or kwargs else _frozen_weight_of(layer, x)
+            if weight_of is None:
+                return original(x, *args, **kwargs)
+            return _InputGradOnly.apply(x, weight_of, layer.out_features)
+
+        return forward
+
+    swap_forward(down, _GRAD_ONLY_ATTR, make_forward)
+    try:
+        yield
+    finally:
+        restore_forward(down, _GRAD_ONLY_ATTR)
+
+
 class _TiledMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run: Callable, chunk: int, skip_width: int, x: torch.Tensor, *params: torch.Tensor):
-        ctx.run, ctx.chunk, ctx.params = run, chunk, params
+    def forward(ctx, mlp: nn.Module, run: Callable, chunk: int, skip_width: int, x: torch.Tensor,
+                *params: torch.Tensor):
+        ctx.mlp, ctx.run, ctx.chunk, ctx.params = mlp, run, chunk, params
         ctx.rng = RngState(x.device)
         ctx.autocast = autocast_state(x.device.type)
         ctx.save_for_backward(x)
@@ -76,15 +140,16 @@ class _TiledMLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (x,) = ctx.saved_tensors
-        need_x = ctx.needs_input_grad[3]
-        need_p = ctx.needs_input_grad[4:]
+        need_x = ctx.needs_input_grad[4]
+        need_p = ctx.needs_input_grad[5:]
         params = [p for p, need in zip(ctx.params, need_p) if need]
         grad_x = torch.empty_like(x) if need_x else None
         grad_p: list[torch.Tensor | None] = [None] * len(params)
         x = x.detach()
         start = 0
         # the chunks run in the forward's order, so dropout draws the same masks
-        with torch.enable_grad(), ctx.rng.replay(), replay_autocast(ctx.autocast), dequantized_once():
+        with (torch.enable_grad(), ctx.rng.replay(), replay_autocast(ctx.autocast), dequantized_once(),
+              _down_proj_grad_only(ctx.mlp)):
             for piece in x.split(ctx.chunk, dim=-2):
                 n = piece.shape[-2]
                 piece = piece.detach().requires_grad_(need_x)
@@ -103,7 +168,7 @@ class _TiledMLP(torch.autograd.Function):
                 del y
                 start += n
         it = iter(grad_p)
-        return (None, None, None, grad_x, *[next(it) if need else None for need in need_p])
+        return (None, None, None, None, grad_x, *[next(it) if need else None for need in need_p])
 
 
 def _make_forward(mlp: nn.Module, original: Callable, chunk: int, skip_width: int) -> Callable:
@@ -116,7 +181,7 @@ def _make_forward(mlp: nn.Module, original: Callable, chunk: int, skip_width: in
             # nothing to differentiate (eval, or the no-grad first pass of a checkpointed layer):
             # still chunked, so the [tokens, intermediate] tensors never exist whole
             return _chunked_forward(run, chunk, x)
-        return _TiledMLP.apply(run, chunk, skip_width, x, *params)
+        return _TiledMLP.apply(mlp, run, chunk, skip_width, x, *params)
 
     return forward
 
