@@ -278,11 +278,12 @@ def test_saved_attention_and_dequantize_once_terms():
     # backward, the MLP's three through a tiled pass (4-bit only), less the one bitsandbytes holds anyway
     h, i, q, kv = 1536, 8960, 1536, 256
     layer_weights = 2 * (h * q + 2 * h * kv + q * h + 3 * h * i)
-    assert _total(seq_len=4096, dequantize_once=True) - _total(seq_len=4096) == pytest.approx(
+    off = dict(dequantize_once=False)
+    assert _total(seq_len=4096, dequantize_once=True) - _total(seq_len=4096, **off) == pytest.approx(
         layer_weights - 2 * h * i, rel=0.01)
     unoffloaded = dict(offload_activations=False, tiled_mlp_chunk=4096)
-    assert _total(seq_len=65536, dequantize_once=True, **unoffloaded) - _total(seq_len=65536, **unoffloaded) == \
-        pytest.approx(2 * 2 * h * i, rel=0.01)
-    assert _total(seq_len=4096, dequantize_once=True, **unoffloaded) == _total(seq_len=4096, **unoffloaded)
+    assert _total(seq_len=65536, dequantize_once=True, **unoffloaded) - _total(seq_len=65536, **unoffloaded, **off) \
+        == pytest.approx(2 * 2 * h * i, rel=0.01)
+    assert _total(seq_len=4096, dequantize_once=True, **unoffloaded) == _total(seq_len=4096, **unoffloaded, **off)
     assert _total(seq_len=65536, quantization="int8", dequantize_once=True) == _total(seq_len=65536,
-                                                                                      quantization="int8")
+                                                                                      quantization="int8", **off)

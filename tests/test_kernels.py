@@ -851,6 +851,26 @@ def test_compute_dtype_lora_matches_peft_and_saves_less():
     assert disable_compute_dtype_lora(fast) == 10
 
 
+def test_compute_dtype_lora_adds_the_adapter_in_place_where_autograd_allows(monkeypatch):
+    # a base output that is not a view gets the adapter's product added in place (one GEMM,
+    # no copy); a view (a linear with a bias) gets the out-of-place GEMM; both match peft
+    from memtune.kernels import enable_compute_dtype_lora, lora
+
+    base = _bf16_model_fp32_adapters()
+    ids, labels = _batch(seq=32)
+    ref = _step(base, ids, labels)
+    fast = copy.deepcopy(base)
+    enable_compute_dtype_lora(fast)
+    decisions = []
+    real = lora._adds_in_place
+    monkeypatch.setattr(lora, "_adds_in_place", lambda *a: decisions.append(real(*a)) or decisions[-1])
+    _assert_same(_step(fast, ids, labels), ref, torch.bfloat16)
+    assert decisions.count(True) == 6 and decisions.count(False) == 4  # gate/up/down in place; q/v (bias) not
+    enable_offloaded_checkpointing(fast)  # in place inside a no-grad forward and its recompute too
+    enable_tiled_mlp(fast, 7)
+    _assert_same(_step(fast, ids, labels), ref, torch.bfloat16)
+
+
 def test_compute_dtype_lora_defers_to_peft_outside_the_plain_case():
     from memtune.kernels import enable_compute_dtype_lora
 

@@ -77,7 +77,7 @@ class RunConfig:
     residual_dtype: ResidualDtype = "compute"
 
     # --- memory techniques -------------------------------------------------
-    # On by default (dequantize_once excepted): measured together on the H200
+    # On by default: measured together on the H200
     # (1.5B shape, 16384 tokens) they take 2.59 GB instead of 5.29 GB and run
     # 17% faster (31,849 against 27,129 tokens/s; benchmarks/results/compare-h200.md).
     gradient_checkpointing: bool = True  # recompute activations: less memory, ~30% more time
@@ -119,11 +119,12 @@ class RunConfig:
     # Python; each weight dequantized once per offloaded layer backward (not
     # for the recompute and again for the gradients) and once per tiled-MLP
     # pass (not per chunk). Holds a layer's dequantized weights meanwhile
-    # (77 MB for the 1.5B shape). Off: on the H200 it gains nothing with
-    # 8192-token MLP chunks (28,867 against 29,818 tokens/s at 16384), but it
-    # makes smaller chunks cheap: with 4096-token chunks 2.30 GB at 30,790
-    # tokens/s against the defaults' 2.59 GB at 31,849 (compare-h200.md).
-    dequantize_once: bool = False
+    # (77 MB for the 1.5B shape). A 16384-token step of the 1.5B shape waits
+    # on the host, much of it in bitsandbytes' layers (profile-16k-idle-h200.txt):
+    # on the H200, run twice over in one command interleaved with the plain
+    # path, it made 34,324 and 35,365 tokens/s against 31,603 and 29,937
+    # (compare-h200-12.log).
+    dequantize_once: bool = True
     # chunked = never materialise the [tokens, vocab] logits (loss and its
     # gradient computed a chunk of tokens at a time); full = model's own loss.
     loss: LossImpl = "chunked"
