@@ -60,7 +60,7 @@ COMPARE_DEFAULTS_SINCE: list[tuple[str, dict | None]] = [
     ("2026-11-29T02:40", {**_ON, "save_attention": True, "tiled_mlp_chunk": 8192, "fuse_loss": True}),
     ("2026-11-29T03:45", {**_ON, "save_attention": True, "tiled_mlp_chunk": 8192, "fuse_loss": True,
                           "fuse_rope": True}),
-    ("2026-11-29T04:00", {**_ON, "save_attention": True, "tiled_mlp_chunk": 8192, "fuse_loss": True,
+    ("2026-11-29T03:55", {**_ON, "save_attention": True, "tiled_mlp_chunk": 8192, "fuse_loss": True,
                           "fuse_rope": True, "dequantize_once": True}),
 ]
 
