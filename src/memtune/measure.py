@@ -122,8 +122,9 @@ def model_bytes(model: nn.Module) -> dict[str, int]:
     return {"frozen_weights_bytes": tensor_bytes(frozen), "trainable_params_bytes": tensor_bytes(trainable)}
 
 
-def gradient_bytes(model: nn.Module) -> int:
-    return tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
+def gradient_bytes(params: Iterable[torch.Tensor]) -> int:
+    """Bytes of the gradients `params` hold now."""
+    return tensor_bytes(p.grad for p in params if p.grad is not None)
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

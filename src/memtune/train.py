@@ -39,6 +39,11 @@ class Session:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None
 
+    @property
+    def trained_params(self) -> list[torch.Tensor]:
+        """The parameters the optimizer steps: no walk over the model's modules (each step needs them)."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
 
 # --- setup ---------------------------------------------------------------------
 
@@ -151,7 +156,7 @@ def train_step(session: Session, batches) -> float:
     if session.scaler:
         session.scaler.unscale_(session.optimizer)
     if cfg.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(session.trained_params, cfg.max_grad_norm)
     if session.scaler:
         session.scaler.step(session.optimizer)
         session.scaler.update()
@@ -194,7 +199,7 @@ def train_loop(session: Session, progress: bool) -> tuple[list[float], measure.S
             timer.start()
             loss = train_step(session, batches)
             # Gradients are largest right after backward; measure them before they are freed.
-            grads_bytes = max(grads_bytes, measure.gradient_bytes(model))
+            grads_bytes = max(grads_bytes, measure.gradient_bytes(session.trained_params))
             session.optimizer.zero_grad(set_to_none=True)
             timer.stop()
             if not math.isfinite(loss):
