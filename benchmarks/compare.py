@@ -22,6 +22,11 @@ records are never dropped), and compare-*.md / compare-*.png beside it are
 regenerated from all records.
 
   python benchmarks/compare.py --seq-lens 16384,65536
+  python benchmarks/compare.py --seq-lens 16384 --stacks memtune,unsloth --repeat 3   # interleaved rounds
+
+A host-bound step varies by about 5% between runs of the same build, so
+`--repeat N` runs the stacks N rounds over, interleaved, and the reports show
+each row's median tokens/s (and highest peak) over its round with the count.
   python benchmarks/compare.py --max-length-search --gpu-memory 24GiB
   python benchmarks/compare.py --preset tiny-test --stacks seed,memtune --out /tmp/c/compare.json   # CPU plumbing
 """
@@ -485,14 +490,15 @@ def memtune_train_args(args: argparse.Namespace, model_dir: Path, seq_len: int, 
     return cmd + shlex.split(extra)
 
 
-def run_one(args: argparse.Namespace, stack: str, seq_len: int, model_dir: Path, mode: str) -> dict:
+def run_one(args: argparse.Namespace, stack: str, seq_len: int, model_dir: Path, mode: str,
+            repeat: dict | None = None) -> dict:
     """One subprocess; returns the record (also appended to args.out)."""
     record: dict[str, Any] = {
         "stack": stack, "seq_len": seq_len, "lora_targets": args.lora_targets,
         "gpu_memory_cap": args.gpu_memory or None,
         "gpu_memory_cap_bytes": parse_size(args.gpu_memory) if args.gpu_memory else None,
         "preset": args.preset, "mode": mode, "steps": args.steps, "warmup": args.warmup, "seed": args.seed,
-        "date": now_iso(),
+        "date": now_iso(), **(repeat or {}),
     }
     work = Path(tempfile.mkdtemp(prefix=f"compare-{stack}-{seq_len}-", dir=args.work_dir))
     log = work / "log.txt"
@@ -621,11 +627,36 @@ def _key(r: dict) -> tuple:
             r.get("seq_len"))
 
 
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One row for the rounds of a `--repeat` run: the newest record with the median speed and the highest peaks."""
+    row = dict(rounds[-1])
+    ok = [r for r in rounds if r.get("status") == "ok" and r.get("tokens_per_s")]
+    row["runs"] = len(rounds)
+    if len(ok) != len(rounds):
+        row["status"] = next(r.get("status") for r in rounds if r.get("status") != "ok")
+    if ok:
+        row["tokens_per_s_runs"] = [r["tokens_per_s"] for r in ok]
+        row["tokens_per_s"] = statistics.median(row["tokens_per_s_runs"])
+        steps = [r["step_time_s"] for r in ok if r.get("step_time_s")]
+        row["step_time_s"] = statistics.median(steps) if steps else row.get("step_time_s")
+        for field in ("peak_allocated_bytes", "peak_reserved_bytes", "peak_host_rss_bytes"):
+            values = [r[field] for r in ok if r.get(field) is not None]
+            if values:
+                row[field] = max(values)
+    return row
+
+
 def latest_records(records: list[dict], preset: str) -> list[dict]:
-    """The newest record per (targets, cap, stack, seq_len) for this preset."""
+    """The newest row per (targets, cap, stack, seq_len) for this preset; the rounds of a `--repeat`
+    run count as one row (`merge_rounds`)."""
     latest: dict[tuple, dict] = {}
+    rounds: dict[tuple, list[dict]] = {}
     for r in records:
         if r.get("preset", "r1-1.5b") == preset and r.get("stack") and r.get("seq_len"):
+            if r.get("repeat_group"):
+                group = rounds.setdefault((_key(r), r["repeat_group"]), [])
+                group.append(r)
+                r = merge_rounds(group)
             latest[_key(r)] = r
     return sorted(latest.values(), key=lambda r: (str(r.get("lora_targets")), str(r.get("gpu_memory_cap")),
                                                    r["seq_len"], r["stack"]))
@@ -696,6 +727,12 @@ def search_summary(records: list[dict], preset: str) -> dict[tuple, dict]:
     return out
 
 
+def _rounds(row: dict) -> str:
+    """' (median of 33,220 / 35,856)' for a row merged from rounds, else ''."""
+    runs = row.get("tokens_per_s_runs") or []
+    return f" (median of {' / '.join(format(v, ',.0f') for v in runs)})" if len(runs) > 1 else ""
+
+
 def write_reports(out: Path, preset: str, tolerance: float) -> tuple[Path, Path | None]:
     records = load_records(out)
     rows = latest_records([r for r in records if r.get("mode", "fixed") == "fixed"], preset)
@@ -707,7 +744,8 @@ def write_reports(out: Path, preset: str, tolerance: float) -> tuple[Path, Path 
                  + (", ".join(f"{k} {v}" for k, v in versions.items() if v) if versions else "-"))
     lines += ["", "NF4 double-quant, bf16 compute, LoRA r=8 alpha=16 dropout 0, batch 1, AdamW; "
               "peak memory over the training steps (model included); tokens/s and step time are "
-              "medians after warm-up; the newest record per row.", ""]
+              "medians after warm-up; the newest record per row (a row run in several rounds, "
+              "`--repeat`: the median of its rounds' tokens/s and their highest peaks).", ""]
     lines.append("| targets | cap | seq_len | stack | status | peak alloc GB | peak reserved GB | host RSS GB "
                  "| tokens/s | step s | loss step 1 |")
     lines.append("|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|")
@@ -720,7 +758,7 @@ def write_reports(out: Path, preset: str, tolerance: float) -> tuple[Path, Path 
         lines.append(
             f"| {r.get('lora_targets')} | {r.get('gpu_memory_cap') or '-'} | {r['seq_len']} | {r['stack']} | {status} "
             f"| {gb(r.get('peak_allocated_bytes'))} | {gb(r.get('peak_reserved_bytes'))} "
-            f"| {gb(r.get('peak_host_rss_bytes'))} | {fmt(r.get('tokens_per_s'), ',.0f')} "
+            f"| {gb(r.get('peak_host_rss_bytes'))} | {fmt(r.get('tokens_per_s'), ',.0f')}{_rounds(r)} "
             f"| {fmt(r.get('step_time_s'), '.3f')} | {fmt(r.get('loss_step1'), '.4f')} |")
     noted = [r for r in rows if r.get("note")]
     if noted:
@@ -840,9 +878,13 @@ def _plot_variants(ax, variants: list[dict], mem_label: str) -> None:
 
 
 def fixed_lengths(args, stacks: list[str], model_dir: Path) -> None:
+    # one id for this invocation: the reports merge the rounds of a row that share it
+    group = now_iso() if args.repeat > 1 else None
     for seq_len in args.seq_lens:
-        for stack in stacks:
-            run_one(args, stack, seq_len, model_dir, "fixed")
+        for round_index in range(args.repeat):
+            for stack in stacks:
+                run_one(args, stack, seq_len, model_dir, "fixed",
+                        repeat={"repeat_group": group, "repeat_round": round_index + 1} if group else None)
 
 
 def gradient_check(args, stacks: list[str], model_dir: Path) -> None:
@@ -905,6 +947,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gpu-memory", default="", help="cap each run's GPU memory, e.g. 24GiB (default: the whole card)")
     p.add_argument("--steps", type=int, default=5, help="training steps per run (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="steps left out of the median step time (default 2)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds of the fixed-length runs, the stacks interleaved; reports show each row's "
+                        "median over its rounds (default 1)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per run before it is killed (default 900)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -953,6 +998,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--stacks: unknown {', '.join(unknown)}")
     if args.steps <= args.warmup:
         p.error("--steps must exceed --warmup")
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
     args.out = args.out.resolve()
     return args
 

@@ -746,6 +746,32 @@ def test_compare_records_append_and_summaries(tmp_path):
     assert list(tmp_path.glob("compare.json.unreadable-*"))
 
 
+def test_compare_repeated_rounds_report_their_median(tmp_path):
+    compare = _compare_module()
+    out = tmp_path / "compare.json"
+    base = {"preset": "r1-1.5b", "lora_targets": "qv", "gpu_memory_cap": None, "mode": "fixed", "seq_len": 16384,
+            "status": "ok", "peak_reserved_bytes": 3e9, "peak_host_rss_bytes": 5e9}
+    compare.append_record(out, {**base, "stack": "memtune", "tokens_per_s": 30000.0, "step_time_s": 0.55,
+                                "peak_allocated_bytes": 2.0e9})  # an earlier single run: not merged
+    for group in ("g1", "g2"):
+        for rnd, (tps, peak) in enumerate(((33000.0, 2.7e9), (36000.0, 2.6e9), (34000.0, 2.65e9)), 1):
+            compare.append_record(out, {**base, "stack": "memtune", "tokens_per_s": tps + (group == "g2"),
+                                        "step_time_s": 16384 / tps, "peak_allocated_bytes": peak,
+                                        "repeat_group": group, "repeat_round": rnd})
+        compare.append_record(out, {**base, "stack": "unsloth", "tokens_per_s": 33500.0, "step_time_s": 0.49,
+                                    "peak_allocated_bytes": 3.4e9, "repeat_group": group, "repeat_round": 1})
+    rows = {r["stack"]: r for r in compare.latest_records(compare.load_records(out), "r1-1.5b")}
+    ours = rows["memtune"]
+    assert ours["runs"] == 3 and ours["tokens_per_s"] == 34001.0  # the newest group's median, not its last round
+    assert ours["peak_allocated_bytes"] == 2.7e9  # the highest peak of the rounds
+    assert "runs" not in rows["unsloth"] or rows["unsloth"]["runs"] == 1
+    text = compare.write_reports(out, "r1-1.5b", 0.05)[0].read_text()
+    assert "34,001 (median of 33,001 / 36,001 / 34,001)" in text
+    assert "| qv | - | 16384 | memtune | 0.79x (unsloth) | 1.01x (unsloth) |" in text
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--repeat", "0"])
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not __import__("os").environ.get("MEMTUNE_TEST_COMPARE"),
                     reason="a few minutes of subprocesses; set MEMTUNE_TEST_COMPARE=1")
