@@ -219,3 +219,18 @@ def test_random_weights_are_drawn_on_the_cpu_when_the_full_model_would_not_fit_t
     assert not random_init_fits(16 * gb, free_bytes=130 * gb, cap_bytes=16 * gb, allocated_bytes=0)
     assert random_init_fits(16 * gb, free_bytes=130 * gb, cap_bytes=24 * gb, allocated_bytes=2 * gb)
     assert not random_init_fits(16 * gb, free_bytes=130 * gb, cap_bytes=18 * gb, allocated_bytes=2 * gb)
+
+
+def test_training_loop_freezes_long_lived_objects_for_the_collector_and_undoes_it():
+    import gc
+
+    from memtune.train import long_lived_objects_frozen
+
+    gc.unfreeze()
+    with long_lived_objects_frozen():
+        assert gc.get_freeze_count() > 0  # what existed before the loop is never scanned again
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(RuntimeError):
+        with long_lived_objects_frozen():
+            raise RuntimeError("a failing step")
+    assert gc.get_freeze_count() == 0
