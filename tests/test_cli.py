@@ -44,3 +44,15 @@ def test_every_verb_prints_its_help(verb, capsys):
     assert out.startswith("usage: memtune " + verb)
     if verb == "train":  # on-by-default switches show how to turn them off
         assert "--no-offload-activations" in out and "--no-fuse-elementwise" in out
+
+
+def test_cuda_allocator_grows_segments_in_place_unless_the_user_chose(monkeypatch, capsys):
+    import os
+
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "")  # recorded, so teardown restores what was there
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    main(["estimate", "--help"])
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    main(["estimate", "--help"])
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
