@@ -112,8 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # CUDA memory in segments that grow in place: a long-context step allocates and frees blocks
     # of very different sizes (a layer's [tokens, intermediate] chunks beside a few MB of weights),
-    # and with fixed segments the cache fragments, so reserved memory (what the card must hold)
-    # runs gigabytes above the allocated peak. Read when CUDA first allocates; a user's setting wins.
+    # which fragments fixed segments, and reserved memory (what the card must hold) runs above the
+    # allocated peak. Every H200 comparison row was measured with this setting (compare.py sets it
+    # for all stacks), so memtune's own runs now match them. Read when CUDA first allocates; a
+    # user's setting wins.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
