@@ -649,17 +649,19 @@ def merge_rounds(rounds: list[dict]) -> dict:
 def latest_records(records: list[dict], preset: str) -> list[dict]:
     """The newest row per (targets, cap, stack, seq_len) for this preset; the rounds of a `--repeat`
     run count as one row (`merge_rounds`)."""
-    latest: dict[tuple, dict] = {}
+    latest: dict[tuple, dict | tuple] = {}  # a record, or the key of its rounds in `rounds`
     rounds: dict[tuple, list[dict]] = {}
     for r in records:
         if r.get("preset", "r1-1.5b") == preset and r.get("stack") and r.get("seq_len"):
             if r.get("repeat_group"):
-                group = rounds.setdefault((_key(r), r["repeat_group"]), [])
-                group.append(r)
-                r = merge_rounds(group)
-            latest[_key(r)] = r
-    return sorted(latest.values(), key=lambda r: (str(r.get("lora_targets")), str(r.get("gpu_memory_cap")),
-                                                   r["seq_len"], r["stack"]))
+                group = (_key(r), r["repeat_group"])
+                rounds.setdefault(group, []).append(r)
+                latest[_key(r)] = group
+            else:
+                latest[_key(r)] = r
+    rows = [merge_rounds(rounds[row]) if isinstance(row, tuple) else row for row in latest.values()]
+    return sorted(rows, key=lambda r: (str(r.get("lora_targets")), str(r.get("gpu_memory_cap")), r["seq_len"],
+                                       r["stack"]))
 
 
 def loss_agreement(records: list[dict], tolerance: float) -> list[str]:

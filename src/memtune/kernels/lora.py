@@ -59,10 +59,9 @@ def _plain_adapter(module: nn.Module, x: torch.Tensor, kwargs: dict) -> str | No
     return name
 
 
-def _adds_in_place(result: torch.Tensor, xa: torch.Tensor, scaling: Any) -> bool:
-    """Whether the adapter's product can be added into the base layer's output in place."""
-    return (isinstance(scaling, (int, float)) and result.dtype == xa.dtype and result.dim() in (2, 3)
-            and result.dim() == xa.dim() and result.is_contiguous() and not result._is_view()
+def _adds_in_place(result: torch.Tensor, xa: torch.Tensor) -> bool:
+    """Whether the adapter's product (one GEMM already possible) can be added into the base output in place."""
+    return (result.dim() in (2, 3) and result.dim() == xa.dim() and not result._is_view()
             and not (result.is_leaf and result.requires_grad))
 
 
@@ -77,7 +76,8 @@ def _make_forward(module: nn.Module, original: Callable) -> Callable:
         b = module.lora_B[name].weight.to(dtype)
         xa = F.linear(module.lora_dropout[name](x), a)  # [tokens, r]
         scaling = module.scaling[name]
-        if _adds_in_place(result, xa, scaling):
+        one_gemm = result.dtype == dtype and result.is_contiguous() and isinstance(scaling, (int, float))
+        if one_gemm and _adds_in_place(result, xa):
             # result += scaling * (xa @ b.T) as one GEMM whose epilogue reads and writes result
             # in place: the [tokens, out] product is never written and read back, the scale
             # and sum cost no launches, and no copy of result is made (an out-of-place addmm
@@ -88,7 +88,7 @@ def _make_forward(module: nn.Module, original: Callable) -> Callable:
             if result.dim() == 2:
                 return result.addmm_(xa, b.t(), alpha=scaling)
             return result.baddbmm_(xa, b.t().expand(result.shape[0], -1, -1), alpha=scaling)
-        if result.dtype == dtype and result.is_contiguous() and isinstance(scaling, (int, float)):
+        if one_gemm:
             # a view (a linear with a bias may return one): the same GEMM, out of place
             out = torch.addmm(result.reshape(-1, result.shape[-1]), xa.reshape(-1, xa.shape[-1]), b.t(),
                               alpha=scaling)
