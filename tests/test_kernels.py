@@ -635,9 +635,9 @@ def test_kernels_survive_eval_and_generation():
     loss.backward()
 
 
-def _with_4bit_mlps(model, dtype=torch.float32, attention=()):
-    """The tiny model with its (non-LoRA) MLP linears, and the `attention` ones named, quantized to NF4,
-    as a quantized load leaves them."""
+def _with_4bit_mlps(model, dtype=torch.float32, attention=(), weight_dtype=torch.float32):
+    """The tiny model with its (non-LoRA) MLP linears, and the `attention` ones named, quantized to NF4
+    from `weight_dtype` weights, as a quantized load leaves them."""
     bnb = pytest.importorskip("bitsandbytes")
     base = model.get_base_model()
     for layer in base.model.layers:
@@ -646,7 +646,8 @@ def _with_4bit_mlps(model, dtype=torch.float32, attention=()):
             lin = getattr(owner, name)
             q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None, compute_dtype=dtype,
                                   quant_type="nf4")
-            q.weight = bnb.nn.Params4bit(lin.weight.data.float().clone(), requires_grad=False, quant_type="nf4")
+            q.weight = bnb.nn.Params4bit(lin.weight.data.to(weight_dtype).clone(), requires_grad=False,
+                                         quant_type="nf4")
             if lin.bias is not None:
                 q.bias = torch.nn.Parameter(lin.bias.data.to(dtype).clone(), requires_grad=False)
             try:
@@ -695,6 +696,47 @@ def test_frozen_4bit_short_path_matches_bitsandbytes_and_dequantizes_once_per_ti
     with torch.no_grad():  # eval and generation keep bitsandbytes' own path
         short.eval()
         short(input_ids=ids[:, :1])
+
+
+def test_dequantize_graphs_write_each_layer_once_a_pass_into_one_shared_buffer(dtype, monkeypatch):
+    from memtune.kernels import dequantize_graph, disable_dequantize_graphs, enable_dequantize_graphs
+    from memtune.kernels import enable_frozen_4bit_linears
+
+    # as a quantized load leaves them: weights quantized from the compute dtype (on a CPU the
+    # "graph" replays its dequantize calls eagerly: the same buffer, views and scopes as on a GPU)
+    model = _with_4bit_mlps(_tiny_lora_model(dtype, targets=("q_proj", "v_proj")), dtype, ("k_proj", "o_proj"),
+                            weight_dtype=dtype)
+    ids, labels = _batch(seq=40)
+    plain = _step(model, ids, labels)
+    graphed = copy.deepcopy(model)
+    enable_frozen_4bit_linears(graphed)
+    enable_offloaded_checkpointing(graphed, save_attention=True)
+    enable_tiled_mlp(graphed, 10)
+    assert enable_dequantize_graphs(graphed, capture=False) == 2
+    first, second = [layer._memtune_dequantize_graph for layer in graphed.get_base_model().model.layers]
+    assert first.buffer is second.buffer and len(first.views) == 5  # k, o and the MLP's three
+    replays = {"n": 0}
+    weights = dequantize_graph.LayerDequantizeGraph.weights
+
+    def counting(self):
+        replays["n"] += 1
+        return weights(self)
+
+    monkeypatch.setattr(dequantize_graph.LayerDequantizeGraph, "weights", counting)
+    _assert_same(_step(graphed, ids, labels), plain, dtype)
+    calls = _count_dequantize(monkeypatch)
+    _step(graphed, ids, labels)
+    # one replay per layer and pass (forward, backward), each dequantizing the layer's five weights
+    # and nothing dequantized outside them
+    assert replays["n"] == 2 * 2 * 2 and calls["n"] == 2 * 2 * 5
+    # a weight replaced after the capture: that layer falls back to dequantizing as it goes
+    mlp = graphed.get_base_model().model.layers[0].mlp
+    mlp.up_proj.weight.data = mlp.up_proj.weight.data.clone()
+    replays["n"] = calls["n"] = 0
+    _assert_same(_step(graphed, ids, labels), plain, dtype)
+    assert replays["n"] == 4 and calls["n"] == 2 * 5 + 2 * 5
+    assert disable_dequantize_graphs(graphed) == 2
+    _assert_same(_step(graphed, ids, labels), plain, dtype)
 
 
 def test_offloaded_checkpointing_with_4bit_layers():

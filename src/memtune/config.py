@@ -125,6 +125,15 @@ class RunConfig:
     # path, it made 34,324 and 35,365 tokens/s against 31,603 and 29,937
     # (compare-h200-12.log).
     dequantize_once: bool = True
+    # With dequantize_once and offloaded checkpoints on a CUDA GPU: capture each
+    # decoder layer's frozen 4-bit dequantize kernels once as a CUDA graph and
+    # replay it at the start of the layer's forward and backward (one launch
+    # instead of 21 kernels and bitsandbytes' Python for the 1.5B shape). All
+    # layers write one shared buffer: one layer's dequantized weights (77 MB
+    # for the 1.5B shape) held for the whole run, which the offloaded backward
+    # held at its peak anyway. Before it, `_Frozen4bitLinear` launched late
+    # for 91 ms of a profiled 16384-token step (profile-16k-defaults-h200.txt).
+    dequantize_graph: bool = True
     # chunked = never materialise the [tokens, vocab] logits (loss and its
     # gradient computed a chunk of tokens at a time); full = model's own loss.
     loss: LossImpl = "chunked"
@@ -342,7 +351,7 @@ def from_dict(values: dict[str, Any], source: str = "config") -> RunConfig:
 # Fields added after results were first stored, with the value a run made before
 # them had: a stored config without the key is read back as what actually ran.
 LEGACY_VALUES: dict[str, Any] = {"lora_matmul": "fp32", "embeddings_on_host": False, "fuse_elementwise": False,
-                                 "save_attention": False, "dequantize_once": False,
+                                 "save_attention": False, "dequantize_once": False, "dequantize_graph": False,
                                  "fuse_loss": False, "residual_dtype": "compute", "fuse_rope": False}
 
 

@@ -579,6 +579,16 @@ def dequantized_once_extra_bytes(shape: ModelShape, cfg: RunConfig, dtype_bytes:
         dequantized_weight_bytes(shape, cfg, dtype_bytes)
 
 
+def dequantize_graph_buffer_bytes(shape: ModelShape, cfg: RunConfig, dtype_bytes: int, device: str) -> int:
+    """With dequantize graphs (CUDA) one layer's dequantized weights live in a buffer for the whole run.
+    The backward's workspace counts them already (dequantized_once_extra_bytes); the forward and the
+    loss hold them too."""
+    if not (cfg.dequantize_graph and cfg.dequantize_once and cfg.offloads_checkpoints and device == "cuda"
+            and cfg.quantization in ("nf4", "fp4")):
+        return 0
+    return sum(_round(lin.in_features * lin.out_features * dtype_bytes) for lin in shape.layer_linears())
+
+
 def int8_matmul_workspace_bytes(shape: ModelShape, cfg: RunConfig, tokens: int) -> int:
     """bitsandbytes' int8 matmul accumulates in int32 before scaling back: a transient
     tokens x out_features x 4 bytes for the widest linear (gate/up: the intermediate size).
@@ -776,14 +786,16 @@ def _activation_phases(shape: ModelShape, cfg: RunConfig, c: int, seq: int, toke
     else:
         loss_peak = full_loss_bytes(shape, tokens, c)
         loss_after = _round(tokens * shape.hidden * c) * 2
-    forward_loss = {**stored, "final_norm": final_norm + hidden_out, "logits_and_loss": loss_peak}
+    stored_outside_backward = {**stored,
+                               "dequantize_graph_buffer": dequantize_graph_buffer_bytes(shape, cfg, c, device)}
+    forward_loss = {**stored_outside_backward, "final_norm": final_norm + hidden_out, "logits_and_loss": loss_peak}
     backward = {**stored, "layer_activations": stored.get("layer_activations", 0) + current_layer,
                 "backward_workspace": workspace, "logits_and_loss": 0}
     if cfg.gradient_checkpointing:
         backward["checkpoints"] = stored["checkpoints"]
     if cfg.saves_attention:  # the layer being recomputed and the one being prefetched, as for checkpoints
         backward["saved_attention"] = 2 * saved_attention_bytes(shape, tokens, c)
-    loss_backward = {**stored, "final_norm": final_norm + hidden_out, "logits_and_loss": loss_after}
+    loss_backward = {**stored_outside_backward, "final_norm": final_norm + hidden_out, "logits_and_loss": loss_after}
     return {"forward_loss": forward_loss, "backward_last_layer": backward, "loss_backward": loss_backward}
 
 
@@ -843,6 +855,8 @@ def _summary(row: dict[str, Any]) -> str:
         bits.append("bf16-lora")
     if cfg.get("dequantize_once"):
         bits.append("dq-once")
+        if cfg.get("dequantize_graph"):
+            bits.append("dq-graph")
     if cfg.get("residual_dtype") == "fp32":
         bits.append("fp32-residual")
     if cfg.get("fuse_loss"):

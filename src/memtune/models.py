@@ -386,6 +386,20 @@ def _compile_kernels(field: str, model: nn.Module, device: torch.device, notes: 
                  else f"{field}: skipped, no {what}")
 
 
+def _capture_dequantize_graphs(model: nn.Module, notes: list[str]) -> None:
+    """One CUDA graph per decoder layer for its frozen 4-bit dequantizes, with a note either way."""
+    from memtune.kernels import disable_dequantize_graphs, enable_dequantize_graphs
+
+    try:
+        count = enable_dequantize_graphs(model)
+    except RuntimeError as exc:  # a capture the driver or a kernel refuses: dequantize the ordinary way
+        disable_dequantize_graphs(model)
+        notes.append(f"dequantize_graph: skipped, the capture failed ({str(exc).splitlines()[0][:120]})")
+        return
+    notes.append(f"dequantize_graph: {count} decoder layers dequantize their frozen 4-bit weights by one "
+                 "CUDA graph replay" if count else "dequantize_graph: skipped, no frozen 4-bit linears on the short path")
+
+
 def build_model(cfg: RunConfig) -> BuiltModel:
     notes: list[str] = []
     device = resolve_device(cfg)
@@ -423,6 +437,9 @@ def build_model(cfg: RunConfig) -> BuiltModel:
     enable_checkpointing(model, cfg, notes)
     if cfg.embeddings_on_host and device.type == "cuda":  # a CPU run has no other memory to move it to
         _move_embeddings_to_host(model, notes)
+    if cfg.dequantize_graph and device.type == "cuda" and cfg.dequantize_once and cfg.offloads_checkpoints \
+            and cfg.quantization in ("nf4", "fp4"):
+        _capture_dequantize_graphs(model, notes)
     max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
     return BuiltModel(model, tokenizer, device, dtype, max_positions, notes)
 

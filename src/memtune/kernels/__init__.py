@@ -11,11 +11,13 @@
 
     enable_frozen_int8_backward(model) -> int        # int8 linears keep no input for backward
     enable_frozen_4bit_linears(model) -> int         # frozen 4-bit linears on a short path (dequantize_once)
+    enable_dequantize_graphs(model) -> int           # each layer's frozen 4-bit dequantizes as one CUDA graph
 
 All patches act on module instances, never on library classes.
 """
 
 from memtune.kernels.cross_entropy import chunked_linear_cross_entropy, effective_chunk_tokens
+from memtune.kernels.dequantize_graph import disable_dequantize_graphs, enable_dequantize_graphs
 from memtune.kernels.frozen_4bit import dequantized_once, disable_frozen_4bit_linears, enable_frozen_4bit_linears
 from memtune.kernels.fused import disable_fused_elementwise, enable_fused_elementwise
 from memtune.kernels.fused_rope import disable_fused_rope, enable_fused_rope
@@ -38,6 +40,8 @@ from memtune.kernels.tiled_mlp import disable_tiled_mlp, enable_tiled_mlp, tiled
 
 __all__ = [
     "dequantized_once",
+    "enable_dequantize_graphs",
+    "disable_dequantize_graphs",
     "enable_frozen_4bit_linears",
     "disable_frozen_4bit_linears",
     "enable_frozen_int8_backward",

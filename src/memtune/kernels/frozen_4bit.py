@@ -36,21 +36,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from memtune.kernels._common import restore_forwards, swap_forwards
+from memtune.kernels.dequantize_graph import layer_weights
 
 __all__ = ["enable_frozen_4bit_linears", "disable_frozen_4bit_linears", "dequantized_once", "frozen_4bit_weight",
            "takes_short_path"]
 
-_ATTR = "_memtune_frozen_4bit"
+SHORT_PATH_ATTR = _ATTR = "_memtune_frozen_4bit"  # the record of a swapped forward
 _SCOPE = threading.local()  # .cache: {id(layer): W} inside dequantized_once(), else None
 
 
 @contextlib.contextmanager
-def dequantized_once() -> Iterator[None]:
-    """Within this block each frozen 4-bit linear dequantizes its weight once (nested: the outer block rules)."""
+def dequantized_once(layer: nn.Module | None = None) -> Iterator[None]:
+    """Within this block each frozen 4-bit linear dequantizes its weight once (nested: the outer block rules).
+
+    layer: the decoder layer whose pass this is; if it has a dequantize graph (dequantize_graph.py)
+    all its weights are written at the start, by one replay."""
     if getattr(_SCOPE, "cache", None) is not None:
         yield
         return
-    _SCOPE.cache = {}
+    _SCOPE.cache = layer_weights(layer) or {}
     try:
         yield
     finally:
@@ -95,6 +99,8 @@ def _make_forward(layer: nn.Module, original: Callable) -> Callable:
     def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if args or kwargs or not takes_short_path(layer, x):
             return original(x, *args, **kwargs)
+        if not torch.is_grad_enabled():  # an offloaded layer's first forward: no autograd Function to set up
+            return F.linear(x, frozen_4bit_weight(layer, x.dtype), layer.bias)
         return _Frozen4bitLinear.apply(x, layer, layer.bias)
 
     return forward

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from memtune.kernels.dequantize_graph import has_dequantize_graph
 from memtune.kernels.frozen_4bit import dequantized_once
 from memtune.kernels.host_copy import HostCopy
 from memtune.kernels.saved_attention import (AttentionRecord, install_attention_hook, recording, replaying,
@@ -69,7 +70,7 @@ class _PassState:
 class _Run:
     """Calls the original layer forward with the saved non-hidden arguments."""
 
-    __slots__ = ("original", "flat", "spec", "grad_slots", "extra_outputs", "state", "position")
+    __slots__ = ("original", "layer", "flat", "spec", "grad_slots", "extra_outputs", "state", "position")
 
     def __call__(self, hidden: torch.Tensor, grad_tensors) -> torch.Tensor:
         flat = list(self.flat)
@@ -99,7 +100,10 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             ctx.attention = AttentionRecord()
             ctx.saved.extras.append(ctx.attention)  # moved back together with the layer input
             record_attention = recording(ctx.attention)
-        with torch.no_grad(), record_attention:
+        # with a dequantize graph the layer's frozen 4-bit weights are written by one replay for
+        # the whole pass; without, each is dequantized where it is used, holding one at a time
+        weights = dequantized_once(run.layer) if has_dequantize_graph(run.layer) else contextlib.nullcontext()
+        with torch.no_grad(), record_attention, weights:
             return run(hidden, inputs[:n_grad_tensors])
 
     @staticmethod
@@ -115,7 +119,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         wanted = [t for t, need in zip([x, *tensors, *ctx.params], needs) if need]
         grads_iter = iter(())
         # frozen 4-bit weights on the short path: dequantized once for the recompute and the gradients
-        with dequantized_once():
+        with dequantized_once(ctx.run.layer):
             # only the recomputed graph is used below, never `out`'s values (outputs_discarded)
             with torch.enable_grad(), ctx.rng.replay(), replay_autocast(ctx.autocast), outputs_discarded(), \
                     replaying(ctx.attention):
@@ -156,7 +160,7 @@ def _make_forward(layer: nn.Module, original: Callable, state: _PassState, posit
         if not (hidden.requires_grad or params or grad_slots):
             return original(hidden, *rest, **kwargs)  # nothing to differentiate
         run = _Run()
-        run.original, run.state, run.position = original, state, position
+        run.original, run.layer, run.state, run.position = original, layer, state, position
         run.spec, run.grad_slots, run.extra_outputs = spec, grad_slots, None
         grad_tensors = [flat[i] for i in grad_slots]
         for i in grad_slots:
