@@ -1,6 +1,7 @@
 """memtune train on the tiny model: every quantization mode, checkpointing on/off, LoRA and full FT."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -234,3 +235,35 @@ def test_training_loop_freezes_long_lived_objects_for_the_collector_and_undoes_i
         with long_lived_objects_frozen():
             raise RuntimeError("a failing step")
     assert gc.get_freeze_count() == 0
+
+
+def test_each_micro_batch_is_prepared_during_the_previous_backward(learnable_data, monkeypatch):
+    from memtune.data import iterate_batches
+
+    cfg = tiny_cfg(learnable_data, steps=2, grad_accum=2)
+    session = train.setup(cfg, log=lambda _: None)
+    taken = []
+    source = iterate_batches(session.bundle, session.cfg, cfg.seed)
+
+    def batches():
+        for batch in source:
+            taken.append(batch)
+            yield batch
+
+    events = []
+    backward = torch.Tensor.backward
+    monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: (events.append(len(taken)), backward(self, *a, **k)))
+    stream = batches()
+    session.built.model.train()
+    loss = train.train_step(session, stream)
+    # two micro-batches: the second was drawn (and prepared) right after the first one's backward,
+    # the next step's first right after the second's
+    assert events == [1, 2] and len(taken) == 3
+    assert math.isfinite(loss)
+    # the prepared batch is what the next step trains on, and a new iterator starts afresh
+    assert session.feed.take().host is taken[2]
+    fresh = iter(list(taken[:2]))
+    train.train_step(session, fresh)
+    assert session.feed.batches is fresh
+    with pytest.raises(StopIteration):  # its data ended with the step: nothing was prepared
+        session.feed.take()

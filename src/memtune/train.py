@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from memtune import measure, provenance
+from memtune.batch_feed import BatchFeed
 from memtune.config import RunConfig, parse_memory_size, save_yaml, write_text_atomic
 from memtune.errors import UserError
 from memtune.estimate import estimate_memory, gib
@@ -38,6 +39,7 @@ class Session:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None
+    feed: BatchFeed | None = None  # the micro-batches of the running loop, each prepared ahead
 
     @property
     def trained_params(self) -> list[torch.Tensor]:
@@ -96,7 +98,8 @@ def setup(cfg: RunConfig, log: Callable[[str], None]) -> Session:
 # --- the step ------------------------------------------------------------------
 
 def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: RunConfig,
-                 host_batch: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                 host_batch: dict[str, torch.Tensor] | None = None,
+                 host_embeds: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token loss over the unmasked labels.
 
     `chunked` runs the decoder, then the lm_head and cross-entropy a chunk of
@@ -104,12 +107,15 @@ def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: RunConfi
     tokens and a 152k vocabulary) never exist. `host_batch`: the same batch
     still on the host: its token ids feed an embedding table kept there, its
     labels tell the loss which tokens count, both without waiting for the GPU.
+    `host_embeds`: that lookup, done already (memtune.batch_feed).
     """
     from memtune.kernels import lookup_on_host
 
     host_batch = host_batch or {}
     host_ids = host_batch.get("input_ids")
-    embeds = lookup_on_host(model, host_ids, batch["input_ids"].device) if host_ids is not None else None
+    embeds = host_embeds
+    if embeds is None and host_ids is not None:
+        embeds = lookup_on_host(model, host_ids, batch["input_ids"].device)
     if cfg.residual_dtype == "fp32":
         if embeds is None:
             embeds = model.get_input_embeddings()(batch["input_ids"])
@@ -147,11 +153,15 @@ def train_step(session: Session, batches) -> float:
     """One optimizer step over grad_accum micro-batches; returns the mean loss."""
     cfg, model = session.cfg, session.built.model
     total = torch.zeros((), device=session.built.device)
+    if session.feed is None or session.feed.batches is not batches:
+        session.feed = BatchFeed(batches, model, session.built.device)
     for _ in range(cfg.grad_accum):
-        host_batch = next(batches)
-        batch = {k: v.to(session.built.device, non_blocking=True) for k, v in host_batch.items()}
-        loss = forward_loss(model, batch, cfg, host_batch=host_batch) / cfg.grad_accum
+        ready = session.feed.take()
+        loss = forward_loss(model, ready.device, cfg, host_batch=ready.host, host_embeds=ready.embeds) / cfg.grad_accum
         (session.scaler.scale(loss) if session.scaler else loss).backward()
+        # the backward is queued and the GPU is still at it: the next micro-batch's copies and
+        # host-side lookup happen now, not at the start of the next step with the GPU waiting
+        session.feed.prepare()
         total += loss.detach()
     if session.scaler:
         session.scaler.unscale_(session.optimizer)
@@ -194,7 +204,7 @@ def train_loop(session: Session, progress: bool) -> tuple[list[float], measure.S
     timer = measure.StepTimer(device)
     losses, grads_bytes = [], 0
     bar = tqdm(range(cfg.steps), desc="train", unit="step", disable=not progress, dynamic_ncols=True)
-    with long_lived_objects_frozen():
+    with long_lived_objects_frozen(), _feed_released(session):
         for _ in bar:
             timer.start()
             loss = train_step(session, batches)
@@ -207,6 +217,15 @@ def train_loop(session: Session, progress: bool) -> tuple[list[float], measure.S
             losses.append(loss)
             bar.set_postfix(loss=f"{loss:.4f}")
     return losses, timer, grads_bytes
+
+
+@contextlib.contextmanager
+def _feed_released(session: Session) -> Iterator[None]:
+    """Drop the batch prepared for a step that will not come (its device copies) when the loop ends."""
+    try:
+        yield
+    finally:
+        session.feed = None
 
 
 @contextlib.contextmanager
