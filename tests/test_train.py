@@ -250,15 +250,27 @@ def test_each_micro_batch_is_prepared_during_the_previous_backward(learnable_dat
             taken.append(batch)
             yield batch
 
-    events = []
+    import weakref
+
+    from memtune.batch_feed import BatchFeed
+
+    events, handed_out = [], []
+    take = BatchFeed.take
+    monkeypatch.setattr(BatchFeed, "take", lambda self: handed_out.append(weakref.ref(r := take(self))) or r)
     backward = torch.Tensor.backward
-    monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: (events.append(len(taken)), backward(self, *a, **k)))
+
+    def recording_backward(self, *args, **kwargs):
+        # the batch is let go before backward: its embeddings would add to the backward's peak
+        events.append((len(taken), handed_out[-1]() is None))
+        return backward(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "backward", recording_backward)
     stream = batches()
     session.built.model.train()
     loss = train.train_step(session, stream)
     # two micro-batches: the second was drawn (and prepared) right after the first one's backward,
     # the next step's first right after the second's
-    assert events == [1, 2] and len(taken) == 3
+    assert events == [(1, True), (2, True)] and len(taken) == 3
     assert math.isfinite(loss)
     # the prepared batch is what the next step trains on, and a new iterator starts afresh
     assert session.feed.take().host is taken[2]
