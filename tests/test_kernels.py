@@ -1131,3 +1131,28 @@ def test_fused_rope_leaves_generation_with_a_cache_to_transformers():
     with torch.no_grad():  # a forward that ignored the KV cache would decode other tokens
         got = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
     assert torch.equal(got, want)
+
+
+def test_a_refused_dequantize_graph_capture_leaves_the_ordinary_path_with_a_note(monkeypatch):
+    from memtune import models
+    from memtune.kernels import dequantize_graph, enable_frozen_4bit_linears
+
+    model = _with_4bit_mlps(_tiny_lora_model(torch.float32, targets=("q_proj", "v_proj")), weight_dtype=torch.float32)
+    enable_frozen_4bit_linears(model)
+    captured = []
+
+    def capture_then_fail(fn, device):
+        if captured:  # the second layer's capture is refused, after the first one's went in
+            raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+        captured.append(fn)
+        return None
+
+    monkeypatch.setattr(dequantize_graph, "_capture", capture_then_fail)
+    notes: list[str] = []
+    models._capture_dequantize_graphs(model, notes)
+    assert notes == ["dequantize_graph: skipped, the capture failed (operation not permitted when stream is capturing)"]
+    assert not any(dequantize_graph.has_dequantize_graph(layer) for layer in model.get_base_model().model.layers)
+    monkeypatch.setattr(dequantize_graph, "_capture", lambda fn, device: None)
+    notes.clear()
+    models._capture_dequantize_graphs(model, notes)
+    assert notes == ["dequantize_graph: 2 decoder layers dequantize their frozen 4-bit weights by one CUDA graph replay"]

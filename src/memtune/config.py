@@ -132,7 +132,13 @@ class RunConfig:
     # layers write one shared buffer: one layer's dequantized weights (77 MB
     # for the 1.5B shape) held for the whole run, which the offloaded backward
     # held at its peak anyway. Before it, `_Frozen4bitLinear` launched late
-    # for 91 ms of a profiled 16384-token step (profile-16k-defaults-h200.txt).
+    # for 91 ms of a profiled 16384-token step (profile-16k-defaults-h200.txt);
+    # with it, 7.7 ms of late launches were left in the whole step
+    # (profile-16k-graph-h200.txt). Its tokens/s gain was inside the run-to-run
+    # spread (37,145 / 37,311 against 37,657 / 36,016 without, compare-h200-15.log),
+    # for 0.2-0.4 GB more reserved memory at 16384 tokens. On by default
+    # because it takes that host work out of every step, so a host slower than
+    # the H200 machine's is less likely to make the GPU wait (not measured).
     dequantize_graph: bool = True
     # chunked = never materialise the [tokens, vocab] logits (loss and its
     # gradient computed a chunk of tokens at a time); full = model's own loss.
