@@ -1156,3 +1156,42 @@ def test_a_refused_dequantize_graph_capture_leaves_the_ordinary_path_with_a_note
     notes.clear()
     models._capture_dequantize_graphs(model, notes)
     assert notes == ["dequantize_graph: 2 decoder layers dequantize their frozen 4-bit weights by one CUDA graph replay"]
+
+
+def test_static_shape_kernels_serve_training_mode_only(monkeypatch):
+    # compile_static_shapes: training-mode calls go to a second compiled function (static shapes),
+    # eval and generation keep the any-length one; the math is the same either way
+    from memtune.kernels import fused, fused_rope
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, dynamic=None: compiled.append((fn.__name__, dynamic)) or fn)
+    fused._compiled.cache_clear()
+    try:
+        base = _tiny_lora_model(torch.float32, targets=("q_proj", "v_proj"))
+        ids, labels = _batch()
+        plain = _step(base, ids, labels)
+        model = copy.deepcopy(base)
+        calls = {"training": 0}
+        for module, name in ((fused, "rms_norm_training"), (fused, "silu_mul_training"),
+                             (fused_rope, "rope_training")):
+            original = getattr(module, name)
+
+            def counting(*args, original=original):
+                calls["training"] += 1
+                return original(*args)
+            counting.__name__ = name
+            monkeypatch.setattr(module, name, counting)
+        fused.enable_fused_elementwise(model, static_training=True)
+        fused_rope.enable_fused_rope(model, static_training=True)
+        assert sorted(compiled) == [("rms_norm_reference", True), ("rms_norm_training", False),
+                                    ("rope_reference", True), ("rope_training", False),
+                                    ("silu_mul_reference", True), ("silu_mul_training", False)]
+        _assert_same(_step(model, ids, labels), plain, torch.float32)
+        assert calls["training"] == 2 * 2 + 1 + 2 + 2  # norms, final norm, MLPs, RoPE: all in training mode
+        calls["training"] = 0
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+        assert calls["training"] == 0
+    finally:
+        fused._compiled.cache_clear()

@@ -851,6 +851,8 @@ def _summary(row: dict[str, Any]) -> str:
         bits.append("fused")
     if cfg.get("fuse_rope"):
         bits.append("fused-rope")
+    if cfg.get("compile_static_shapes"):
+        bits.append("static-shapes")
     if cfg.get("lora", True) and cfg.get("lora_matmul") == "compute":
         bits.append("bf16-lora")
     if cfg.get("dequantize_once"):

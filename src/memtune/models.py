@@ -371,7 +371,7 @@ def compile_unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def _compile_kernels(field: str, model: nn.Module, device: torch.device, notes: list[str]) -> None:
+def _compile_kernels(field: str, model: nn.Module, device: torch.device, notes: list[str], cfg: RunConfig) -> None:
     """Install the compiled kernels of `field` (fuse_elementwise or fuse_rope), with a note either way."""
     reason = compile_unavailable_reason(device)
     if reason is not None:
@@ -381,8 +381,9 @@ def _compile_kernels(field: str, model: nn.Module, device: torch.device, notes: 
 
     enable, what = {"fuse_elementwise": (enable_fused_elementwise, "RMSNorm/MLP modules"),
                     "fuse_rope": (enable_fused_rope, "Qwen2/Llama attention modules (RoPE)")}[field]
-    count = enable(model)
-    notes.append(f"{field}: {count} {what} compiled (the first steps compile)" if count
+    count = enable(model, static_training=cfg.compile_static_shapes)
+    shapes = ", training kernels for the step's exact shapes" if cfg.compile_static_shapes else ""
+    notes.append(f"{field}: {count} {what} compiled (the first steps compile{shapes})" if count
                  else f"{field}: skipped, no {what}")
 
 
@@ -426,9 +427,9 @@ def build_model(cfg: RunConfig) -> BuiltModel:
         for param in model.parameters():
             param.requires_grad_(True)
     if cfg.fuse_elementwise and device.type == "cuda":  # torch.compile needs a C++ toolchain on a CPU
-        _compile_kernels("fuse_elementwise", model, device, notes)  # before tiling, which wraps the MLP's forward
+        _compile_kernels("fuse_elementwise", model, device, notes, cfg)  # before tiling, which wraps the MLP's forward
     if cfg.fuse_rope and device.type == "cuda":
-        _compile_kernels("fuse_rope", model, device, notes)
+        _compile_kernels("fuse_rope", model, device, notes, cfg)
     loss_reason = compile_unavailable_reason(device) if cfg.fuse_loss and cfg.loss == "chunked" else None
     if device.type == "cuda" and loss_reason:
         notes.append(f"fuse_loss: skipped, {loss_reason}; the loss chunks run unfused")

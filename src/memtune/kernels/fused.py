@@ -42,10 +42,30 @@ def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def rms_norm_training(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """rms_norm_reference under its own code object: compiled for the training step's exact shapes."""
+    return rms_norm_reference(hidden, weight, eps)
+
+
+def silu_mul_training(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu_mul_reference under its own code object: compiled for the training step's exact shapes."""
+    return silu_mul_reference(gate, up)
+
+
 @functools.cache
-def _compiled(fn: Callable) -> Callable:
-    # dynamic: one kernel for every sequence length (generation changes it every token)
-    return torch.compile(fn, dynamic=True)
+def _compiled(fn: Callable, static: bool = False) -> Callable:
+    # dynamic: one kernel for every sequence length (generation changes it every token).
+    # static: one kernel per shape, for the training step's fixed shapes (memtune.compile_shapes)
+    return torch.compile(fn, dynamic=not static)
+
+
+def pick_compiled(fn: Callable, training_fn: Callable, compile_fn: bool,
+                  static_training: bool) -> tuple[Callable, Callable]:
+    """(the function for eval and generation, the one for training mode)."""
+    general = _compiled(fn) if compile_fn else fn
+    if not static_training:
+        return general, general
+    return general, (_compiled(training_fn, static=True) if compile_fn else training_fn)
 
 
 # torch's and transformers' own SiLU modules (ACT2FN["silu"] is the latter in transformers 5)
@@ -62,28 +82,30 @@ def _is_silu_gated_mlp(module: nn.Module) -> bool:
             and type(getattr(module, "act_fn", None)).__name__ in _SILU_CLASSES and not hasattr(module, "experts"))
 
 
-def _norm_forward(module: nn.Module, compile_fn: bool) -> Callable:
-    fn = _compiled(rms_norm_reference) if compile_fn else rms_norm_reference
+def _norm_forward(module: nn.Module, compile_fn: bool, static_training: bool) -> Callable:
+    fn, training_fn = pick_compiled(rms_norm_reference, rms_norm_training, compile_fn, static_training)
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
-        return fn(hidden, module.weight, module.variance_epsilon)
+        return (training_fn if module.training else fn)(hidden, module.weight, module.variance_epsilon)
 
     return forward
 
 
-def _mlp_forward(module: nn.Module, compile_fn: bool) -> Callable:
-    fn = _compiled(silu_mul_reference) if compile_fn else silu_mul_reference
+def _mlp_forward(module: nn.Module, compile_fn: bool, static_training: bool) -> Callable:
+    fn, training_fn = pick_compiled(silu_mul_reference, silu_mul_training, compile_fn, static_training)
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return module.down_proj(fn(module.gate_proj(x), module.up_proj(x)))
+        gated = (training_fn if module.training else fn)(module.gate_proj(x), module.up_proj(x))
+        return module.down_proj(gated)
 
     return forward
 
 
-def enable_fused_elementwise(model: nn.Module, compile_fn: bool = True) -> int:
+def enable_fused_elementwise(model: nn.Module, compile_fn: bool = True, static_training: bool = False) -> int:
     """Swap the forward of every known RMSNorm and SiLU-gated MLP; returns how many modules. Idempotent.
 
     compile_fn=False installs the same functions uncompiled (for testing the math on any machine).
+    static_training: in training mode, kernels compiled for the exact shapes (compile_static_shapes).
     """
     count = 0
     for module in base_model(model).modules():
@@ -93,7 +115,7 @@ def enable_fused_elementwise(model: nn.Module, compile_fn: bool = True) -> int:
             make = _mlp_forward
         else:
             continue
-        swap_forward(module, _ATTR, lambda m, _original, make=make: make(m, compile_fn))
+        swap_forward(module, _ATTR, lambda m, _original, make=make: make(m, compile_fn, static_training))
         count += 1
     return count
 

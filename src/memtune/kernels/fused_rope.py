@@ -19,7 +19,6 @@ passed (generation), so the cache logic stays transformers'.
 
 from __future__ import annotations
 
-import functools
 import sys
 from typing import Any, Callable
 
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from memtune.kernels._common import base_model, restore_forwards, swap_forwards
+from memtune.kernels.fused import pick_compiled
 
 __all__ = ["enable_fused_rope", "disable_fused_rope", "rope_reference"]
 
@@ -48,9 +48,10 @@ def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     return q * cos + q_rot * sin, k * cos + k_rot * sin
 
 
-@functools.cache
-def _compiled() -> Callable:
-    return torch.compile(rope_reference, dynamic=True)  # one kernel for every sequence length
+def rope_training(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rope_reference under its own code object: compiled for the training step's exact shapes."""
+    return rope_reference(q, k, cos, sin)
 
 
 def _attention_function(module: nn.Module, eager: Callable | None) -> Callable | None:
@@ -66,8 +67,9 @@ def _attention_function(module: nn.Module, eager: Callable | None) -> Callable |
     return ALL_ATTENTION_FUNCTIONS[impl] if impl in ALL_ATTENTION_FUNCTIONS else None
 
 
-def _make_forward(module: nn.Module, original: Callable, compile_fn: bool) -> Callable:
-    rope = _compiled() if compile_fn else rope_reference
+def _make_forward(module: nn.Module, original: Callable, compile_fn: bool, static_training: bool) -> Callable:
+    # dynamic shapes: one kernel for every sequence length; static in training if asked (fused.py)
+    rope_any, rope_training_mode = pick_compiled(rope_reference, rope_training, compile_fn, static_training)
     has_window = hasattr(module, "sliding_window")  # Qwen2 passes it on; Llama has none
     eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
 
@@ -85,7 +87,7 @@ def _make_forward(module: nn.Module, original: Callable, compile_fn: bool) -> Ca
         k = module.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         v = module.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
-        q, k = rope(q, k, cos, sin)
+        q, k = (rope_training_mode if module.training else rope_any)(q, k, cos, sin)
         if has_window:
             kwargs["sliding_window"] = module.sliding_window
         out, weights = attention(module, q, k, v, attention_mask,
@@ -103,13 +105,14 @@ def _is_known_attention(module: nn.Module) -> bool:
             and all(hasattr(module, n) for n in ("head_dim", "scaling", "attention_dropout", "config")))
 
 
-def enable_fused_rope(model: nn.Module, compile_fn: bool = True) -> int:
+def enable_fused_rope(model: nn.Module, compile_fn: bool = True, static_training: bool = False) -> int:
     """Give every known attention module of `model` the compiled RoPE; returns how many. Idempotent.
 
     compile_fn=False installs the same forward with the uncompiled function (for testing it anywhere).
+    static_training: in training mode, a kernel compiled for the exact shapes (compile_static_shapes).
     """
     modules = [m for m in base_model(model).modules() if _is_known_attention(m)]
-    return swap_forwards(modules, _ATTR, lambda m, original: _make_forward(m, original, compile_fn))
+    return swap_forwards(modules, _ATTR, lambda m, original: _make_forward(m, original, compile_fn, static_training))
 
 
 def disable_fused_rope(model: nn.Module) -> int:
