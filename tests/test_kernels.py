@@ -1195,3 +1195,39 @@ def test_static_shape_kernels_serve_training_mode_only(monkeypatch):
         assert calls["training"] == 0
     finally:
         fused._compiled.cache_clear()
+
+
+def test_chunked_ce_full_chunks_take_the_static_shape_kernel(monkeypatch):
+    from memtune.kernels import cross_entropy
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, dynamic=None: compiled.append((fn.__name__, dynamic)) or fn)
+    calls = {"full": 0, "any": 0}
+    full, any_length = cross_entropy.chunk_loss_and_grad_full, cross_entropy.chunk_loss_and_grad
+
+    def counting(name, fn):
+        def run(*args):
+            calls[name] += 1
+            return fn(*args)
+        run.__name__ = fn.__name__
+        return run
+
+    monkeypatch.setattr(cross_entropy, "chunk_loss_and_grad_full", counting("full", full))
+    monkeypatch.setattr(cross_entropy, "chunk_loss_and_grad", counting("any", any_length))
+    cross_entropy._fused_chunk_fn.cache_clear()
+    try:
+        torch.manual_seed(0)
+        hidden = torch.randn(37, 24, requires_grad=True)
+        weight = (torch.randn(61, 24) * 0.3).requires_grad_()
+        labels = torch.randint(0, 61, (37,))
+        loss, grads = _grads(lambda: chunked_linear_cross_entropy(hidden, weight, labels, chunk_tokens=8, fused=True,
+                                                                  static_full_chunks=True), [hidden, weight])
+        ref, ref_grads = _grads(lambda: _reference(hidden, weight, labels, None), [hidden, weight])
+        torch.testing.assert_close(loss, ref.float(), **TOL[torch.float32])
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, **TOL[torch.float32])
+        # 37 tokens in chunks of 8: four full chunks on the static kernel, the last 5 on the any-length one
+        assert calls == {"full": 4, "any": 4 + 1}  # the full-shape function calls the general math inside
+        assert sorted(compiled) == [("chunk_loss_and_grad", True), ("chunk_loss_and_grad_full", False)]
+    finally:
+        cross_entropy._fused_chunk_fn.cache_clear()

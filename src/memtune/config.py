@@ -140,8 +140,8 @@ class RunConfig:
     # because it takes that host work out of every step, so a host slower than
     # the H200 machine's is less likely to make the GPU wait (not measured).
     dequantize_graph: bool = True
-    # In training mode, compile the fused kernels (fuse_elementwise, fuse_rope)
-    # for the step's exact shapes instead of for any length. Kernels compiled
+    # In training mode, compile the fused kernels (fuse_elementwise, fuse_rope,
+    # fuse_loss's full chunks) for the step's exact shapes instead of for any length. Kernels compiled
     # for symbolic shapes cannot prove 16-byte alignment, so Triton emits
     # scalar loads (reported 1.5-3.4x slower pointwise and norm kernels:
     # pytorch/pytorch#177061). In the profiled 16384-token H200 step, which is

@@ -146,7 +146,8 @@ def _forward_loss(model: nn.Module, inputs: dict[str, torch.Tensor], batch: dict
     return chunked_linear_cross_entropy(hidden, head.weight, labels, bias=head.bias,
                                         chunk_tokens=cfg.loss_chunk_tokens,
                                         fused=cfg.fuse_loss and compile_unavailable_reason(hidden.device) is None,
-                                        host_labels=None if host_labels is None else host_labels[:, 1:])
+                                        host_labels=None if host_labels is None else host_labels[:, 1:],
+                                        static_full_chunks=cfg.compile_static_shapes)
 
 
 def train_step(session: Session, batches) -> float:

@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import functools
 
+from typing import Callable
+
 import torch
 
 __all__ = ["chunked_linear_cross_entropy", "effective_chunk_tokens", "chunk_loss_and_grad"]
@@ -83,9 +85,25 @@ def chunk_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor,
     return (lse - target).sum(), grad.to(logits.dtype)
 
 
+def chunk_loss_and_grad_full(logits: torch.Tensor, labels: torch.Tensor,
+                             inv_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """chunk_loss_and_grad under its own code object: compiled for the full chunk's exact shape."""
+    return chunk_loss_and_grad(logits, labels, inv_n)
+
+
 @functools.cache
-def _fused_chunk_fn():
-    return torch.compile(chunk_loss_and_grad, dynamic=True)
+def _fused_chunk_fn(static_full_chunks: bool = False, chunk: int = 0) -> Callable:
+    """The compiled chunk function; with static_full_chunks, chunks of exactly `chunk` rows run a
+    kernel compiled for that shape (the last, shorter chunk and any other keep the any-length one)."""
+    general = torch.compile(chunk_loss_and_grad, dynamic=True)
+    if not static_full_chunks:
+        return general
+    full = torch.compile(chunk_loss_and_grad_full, dynamic=False)
+
+    def dispatch(logits: torch.Tensor, labels: torch.Tensor, inv_n: torch.Tensor):
+        return (full if logits.shape[0] == chunk else general)(logits, labels, inv_n)
+
+    return dispatch
 
 
 def _label_layout(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, int, int, bool]:
@@ -220,6 +238,7 @@ def chunked_linear_cross_entropy(
     max_chunk_bytes: int | None = _DEFAULT_MAX_CHUNK_BYTES,
     fused: bool | str = False,
     host_labels: torch.Tensor | None = None,
+    static_full_chunks: bool = False,
 ) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T + bias` against `labels`, without the full logits.
 
@@ -235,7 +254,8 @@ def chunked_linear_cross_entropy(
     function uncompiled (for testing it anywhere). `host_labels`: the same
     labels in host memory, if the caller has them; which tokens are labelled
     is then read there, and the GPU is not made to wait for that mid-step
-    (the host keeps running ahead into backward).
+    (the host keeps running ahead into backward). `static_full_chunks` (with
+    fused=True): full chunks run a kernel compiled for their exact shape.
     """
     if hidden.shape[-1] != weight.shape[-1]:
         raise ValueError(f"hidden size {hidden.shape[-1]} does not match weight {tuple(weight.shape)}")
@@ -254,6 +274,7 @@ def chunked_linear_cross_entropy(
     chunk = effective_chunk_tokens(chunk_tokens, weight.shape[0], max_chunk_bytes)
     compute_dtype = _compute_dtype(hidden, weight)
     with torch.autocast(device_type=hidden.device.type, enabled=False):
-        fn = None if not fused else (chunk_loss_and_grad if fused == "eager" else _fused_chunk_fn())
+        fn = None if not fused else (chunk_loss_and_grad if fused == "eager"
+                                     else _fused_chunk_fn(static_full_chunks, chunk if static_full_chunks else 0))
         return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk, ignore_index, compute_dtype, fn,
                                                 layout)
