@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Training-mode kernels (fused RMSNorm, SiLU product, RoPE, the loss's full chunks) compiled for the
-# step's exact shapes (--compile-static-shapes), about 8 minutes on an H200. The 16384-token step is bound by the GPU (profile-16k-graph-h200.txt: 406 ms of
-# kernels in a 425 ms span) and its compiled kernels moved 0.7-2.8 TB/s, as kernels compiled for
-# symbolic shapes do without vectorized loads; compiled for the exact shapes they should move more.
+# step's exact shapes (--compile-static-shapes), about 8 minutes on an H200. The 16384-token step is
+# bound by the GPU (profile-16k-graph-h200.txt: 406 ms of kernels in a 425 ms span) and its compiled
+# kernels moved 0.7-2.8 TB/s, as kernels compiled for symbolic shapes may without vectorized loads;
+# compiled for the exact shapes they should move more.
 #   1. 16384 tokens: the defaults against --compile-static-shapes and unsloth, twice over, interleaved;
 #   2. --compile-static-shapes at 65536 (the defaults there: 4.52 GB, 19,099 tok/s, compare-h200-15.log);
 #   3. a profile of one 16384-token step with it: the compiled kernels' times.
