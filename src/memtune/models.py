@@ -393,7 +393,7 @@ def _capture_dequantize_graphs(model: nn.Module, notes: list[str]) -> None:
 
     try:
         count = enable_dequantize_graphs(model)
-    except RuntimeError as exc:  # a capture the driver or a kernel refuses: dequantize the ordinary way
+    except (RuntimeError, ValueError) as exc:  # a capture the driver or a kernel refuses: the ordinary way
         disable_dequantize_graphs(model)
         notes.append(f"dequantize_graph: skipped, the capture failed ({str(exc).splitlines()[0][:120]})")
         return

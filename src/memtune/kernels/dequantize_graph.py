@@ -167,7 +167,11 @@ def enable_dequantize_graphs(model: nn.Module, capture: bool = True) -> int:
     for layer in decoder_layers(model):
         if layer.__dict__.get(_ATTR) is None:
             linears = _graphable_linears(layer, SHORT_PATH_ATTR)
-            if not linears or len({l.weight.device for l in linears}) != 1:
+            if linears:  # one buffer, one dtype and device: the others dequantize as they go
+                first = linears[0]
+                linears = [lin for lin in linears
+                           if lin.compute_dtype == first.compute_dtype and lin.weight.device == first.weight.device]
+            if not linears:
                 continue
             setattr(layer, _ATTR, LayerDequantizeGraph(linears, linears[0].compute_dtype, capture))
         count += 1
