@@ -138,3 +138,15 @@ def test_locked_database_is_a_clear_user_error(tmp_path):
 def test_missing_database_without_create(tmp_path):
     with pytest.raises(UserError, match="results database not found"):
         ResultStore(tmp_path / "nowhere", create=False)
+
+
+def test_git_commit_says_when_the_source_differs_from_head(monkeypatch):
+    from memtune import provenance
+
+    answers = {"rev-parse": "abc123\n", "status": ""}
+    monkeypatch.setattr(provenance, "_git", lambda repo, *args: answers[args[0]])
+    assert provenance.git_commit() == "abc123"
+    answers["status"] = " M src/memtune/train.py\n?? src/memtune/new_module.py\n"
+    assert provenance.git_commit() == "abc123+dirty"
+    answers["rev-parse"] = None  # not a git checkout
+    assert provenance.git_commit() is None

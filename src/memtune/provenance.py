@@ -33,14 +33,25 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def git_commit() -> str | None:
-    repo = Path(__file__).resolve().parents[2]
+def _git(repo: Path, *args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=5)
+        out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
-    return (out.stdout.strip() or None) if out.returncode == 0 else None
+    return out.stdout if out.returncode == 0 else None
+
+
+def git_commit() -> str | None:
+    """HEAD, with "+dirty" when the package's source differs from it (edited or new files under src/).
+
+    A copy of the tree whose git metadata is older than its files would otherwise record a commit
+    that did not run (the H200 results of 2026-11-29 04:44-05:07 did: their records say 8dbd0d2)."""
+    repo = Path(__file__).resolve().parents[2]
+    head = (_git(repo, "rev-parse", "HEAD") or "").strip()
+    if not head:
+        return None
+    changed = _git(repo, "status", "--porcelain", "--", "src")
+    return head + "+dirty" if changed else head
 
 
 def now_iso() -> str:
