@@ -223,6 +223,13 @@ class RunConfig:
         return self.offload_activations and self.gradient_checkpointing
 
     @property
+    def dequantizes_by_graph(self) -> bool:
+        """Dequantize graphs in use (on a CUDA GPU): dequantize_graph, which acts only on 4-bit weights on
+        the short path (dequantize_once) with offloaded checkpoints."""
+        return (self.dequantize_graph and self.dequantize_once and self.offloads_checkpoints
+                and self.quantization in ("nf4", "fp4"))
+
+    @property
     def saves_attention(self) -> bool:
         """Attention kept from the forward: save_attention, which acts only with offloaded checkpoints."""
         return self.save_attention and self.offloads_checkpoints

@@ -564,6 +564,11 @@ def dequantized_weight_bytes(shape: ModelShape, cfg: RunConfig, dtype_bytes: int
     return _round(largest * dtype_bytes)
 
 
+def _dequantized_bytes(linears, dtype_bytes: int) -> int:
+    """`linears`' weights dequantized to the compute dtype, held together."""
+    return sum(_round(lin.in_features * lin.out_features * dtype_bytes) for lin in linears)
+
+
 def dequantized_once_extra_bytes(shape: ModelShape, cfg: RunConfig, dtype_bytes: int, seq: int) -> int:
     """dequantize_once holds dequantized weights for a whole pass instead of one at a time: a layer's
     all through its offloaded recompute and backward, else the MLP's through a tiled pass."""
@@ -575,18 +580,16 @@ def dequantized_once_extra_bytes(shape: ModelShape, cfg: RunConfig, dtype_bytes:
         held = [lin for lin in shape.layer_linears() if lin.name in ("gate_proj", "up_proj", "down_proj")]
     else:
         return 0
-    return sum(_round(lin.in_features * lin.out_features * dtype_bytes) for lin in held) - \
-        dequantized_weight_bytes(shape, cfg, dtype_bytes)
+    return _dequantized_bytes(held, dtype_bytes) - dequantized_weight_bytes(shape, cfg, dtype_bytes)
 
 
 def dequantize_graph_buffer_bytes(shape: ModelShape, cfg: RunConfig, dtype_bytes: int, device: str) -> int:
     """With dequantize graphs (CUDA) one layer's dequantized weights live in a buffer for the whole run.
     The backward's workspace counts them already (dequantized_once_extra_bytes); the forward and the
     loss hold them too."""
-    if not (cfg.dequantize_graph and cfg.dequantize_once and cfg.offloads_checkpoints and device == "cuda"
-            and cfg.quantization in ("nf4", "fp4")):
+    if not (cfg.dequantizes_by_graph and device == "cuda"):
         return 0
-    return sum(_round(lin.in_features * lin.out_features * dtype_bytes) for lin in shape.layer_linears())
+    return _dequantized_bytes(shape.layer_linears(), dtype_bytes)
 
 
 def int8_matmul_workspace_bytes(shape: ModelShape, cfg: RunConfig, tokens: int) -> int:

@@ -438,8 +438,7 @@ def build_model(cfg: RunConfig) -> BuiltModel:
     enable_checkpointing(model, cfg, notes)
     if cfg.embeddings_on_host and device.type == "cuda":  # a CPU run has no other memory to move it to
         _move_embeddings_to_host(model, notes)
-    if cfg.dequantize_graph and device.type == "cuda" and cfg.dequantize_once and cfg.offloads_checkpoints \
-            and cfg.quantization in ("nf4", "fp4"):
+    if cfg.dequantizes_by_graph and device.type == "cuda":
         _capture_dequantize_graphs(model, notes)
     max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
     return BuiltModel(model, tokenizer, device, dtype, max_positions, notes)

@@ -137,22 +137,13 @@ class LayerDequantizeGraph:
         return dict(self.by_id)
 
 
-def _graphable_linears(layer: nn.Module, short_path_attr: str) -> list[nn.Module]:
+def _graphable_linears(layer: nn.Module) -> list[nn.Module]:
     """The layer's frozen 4-bit linears on the short path whose dequantize writes the compute dtype."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return []
-    found = []
-    for module in layer.modules():
-        if not (isinstance(module, bnb.nn.Linear4bit) and module.__dict__.get(short_path_attr) is not None):
-            continue
-        state = getattr(module.weight, "quant_state", None)
-        if (state is None or module.weight.requires_grad or getattr(state, "packing_format_for_cpu", False)
-                or state.dtype != getattr(module, "compute_dtype", None)):
-            continue
-        found.append(module)
-    return found
+    from memtune.kernels.frozen_4bit import four_bit_linears, has_frozen_4bit_weight, on_short_path
+
+    return [lin for lin in four_bit_linears(layer)
+            if on_short_path(lin) and has_frozen_4bit_weight(lin)
+            and lin.weight.quant_state.dtype == getattr(lin, "compute_dtype", None)]
 
 
 def enable_dequantize_graphs(model: nn.Module, capture: bool = True) -> int:
@@ -161,12 +152,11 @@ def enable_dequantize_graphs(model: nn.Module, capture: bool = True) -> int:
     Call it once the weights are where they will stay. capture=False replays eagerly (off CUDA).
     Returns how many layers have one. A capture that fails raises; the caller decides what to say."""
     from memtune.kernels._common import decoder_layers
-    from memtune.kernels.frozen_4bit import SHORT_PATH_ATTR
 
     count = 0
     for layer in decoder_layers(model):
         if layer.__dict__.get(_ATTR) is None:
-            linears = _graphable_linears(layer, SHORT_PATH_ATTR)
+            linears = _graphable_linears(layer)
             if linears:  # one buffer, one dtype and device: the others dequantize as they go
                 first = linears[0]
                 linears = [lin for lin in linears

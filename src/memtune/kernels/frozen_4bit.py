@@ -39,9 +39,9 @@ from memtune.kernels._common import restore_forwards, swap_forwards
 from memtune.kernels.dequantize_graph import layer_weights
 
 __all__ = ["enable_frozen_4bit_linears", "disable_frozen_4bit_linears", "dequantized_once", "frozen_4bit_weight",
-           "takes_short_path"]
+           "takes_short_path", "has_frozen_4bit_weight", "four_bit_linears", "on_short_path"]
 
-SHORT_PATH_ATTR = _ATTR = "_memtune_frozen_4bit"  # the record of a swapped forward
+_ATTR = "_memtune_frozen_4bit"
 _SCOPE = threading.local()  # .cache: {id(layer): W} inside dequantized_once(), else None
 
 
@@ -85,13 +85,17 @@ class _Frozen4bitLinear(torch.autograd.Function):
         return torch.matmul(grad_out, frozen_4bit_weight(ctx.layer, grad_out.dtype)), None, None
 
 
-def takes_short_path(layer: nn.Module, x: torch.Tensor) -> bool:
-    weight, bias = layer.weight, layer.bias
+def has_frozen_4bit_weight(layer: nn.Module) -> bool:
+    """A weight that does not train, in bitsandbytes' standard 4-bit layout (what the short path dequantizes)."""
+    weight = layer.weight
     state = getattr(weight, "quant_state", None)
-    return (layer.training and isinstance(x, torch.Tensor)
-            and state is not None and not weight.requires_grad
+    return state is not None and not weight.requires_grad and not getattr(state, "packing_format_for_cpu", False)
+
+
+def takes_short_path(layer: nn.Module, x: torch.Tensor) -> bool:
+    bias = layer.bias
+    return (layer.training and isinstance(x, torch.Tensor) and has_frozen_4bit_weight(layer)
             and getattr(layer, "compute_dtype", None) == x.dtype and x.numel() > x.shape[-1]
-            and not getattr(state, "packing_format_for_cpu", False)
             and (bias is None or (bias.dtype == x.dtype and not bias.requires_grad)))
 
 
@@ -106,7 +110,7 @@ def _make_forward(layer: nn.Module, original: Callable) -> Callable:
     return forward
 
 
-def _four_bit_linears(model: nn.Module) -> list[nn.Module]:
+def four_bit_linears(model: nn.Module) -> list[nn.Module]:
     try:
         import bitsandbytes as bnb
     except ImportError:
@@ -114,11 +118,16 @@ def _four_bit_linears(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
 
 
+def on_short_path(layer: nn.Module) -> bool:
+    """Whether `layer` was given the short path (enable_frozen_4bit_linears)."""
+    return layer.__dict__.get(_ATTR) is not None
+
+
 def enable_frozen_4bit_linears(model: nn.Module) -> int:
     """Give every bitsandbytes Linear4bit of `model` the short frozen-weight path; returns how many. Idempotent."""
-    return swap_forwards(_four_bit_linears(model), _ATTR, _make_forward)
+    return swap_forwards(four_bit_linears(model), _ATTR, _make_forward)
 
 
 def disable_frozen_4bit_linears(model: nn.Module) -> int:
     """Undo `enable_frozen_4bit_linears`; returns the number of layers restored."""
-    return restore_forwards(_four_bit_linears(model), _ATTR)
+    return restore_forwards(four_bit_linears(model), _ATTR)
