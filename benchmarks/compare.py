@@ -9,6 +9,9 @@ the same random tokens):
                   prepare_model_for_kbit_training, gradient_checkpointing_enable,
                   the model's own loss via labels, no autocast
   seed-autocast   the same, forward under torch.autocast(bf16)
+  seed-fp32       the same model in fp32 throughout (bnb_4bit_compute_dtype fp32, fp32 weights
+                  outside the 4-bit linears): not a stack users run, the full-precision reference for
+                  --grad-check --grad-reference seed-fp32 (seed itself runs its 4-bit matmuls in bf16)
   liger           seed-autocast + liger_kernel apply_liger_kernel_to_qwen2()
   unsloth         FastLanguageModel (load_in_4bit) + get_peft_model(use_gradient_checkpointing="unsloth"),
                   forward under autocast(bf16) as its trainer runs it
@@ -59,6 +62,7 @@ from memtune.provenance import now_iso  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "compare-h200.json"
 BUILTIN_STACKS = ("seed", "seed-autocast", "liger", "unsloth", "memtune")
+REFERENCE_STACKS = ("seed-fp32",)  # accepted by --stacks, never run by default
 TARGETS = {
     "qv": ["q_proj", "v_proj"],
     "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -423,7 +427,7 @@ def _build_stack(stack: str, spec: dict, targets: list[str], device) -> tuple[An
             for_training(model)
         return model, True
 
-    if stack not in ("seed", "seed-autocast", "liger"):
+    if stack not in ("seed", "seed-autocast", "liger", "seed-fp32"):
         raise ValueError(f"unknown stack {stack!r}")
     if stack == "liger":
         from liger_kernel.transformers import apply_liger_kernel_to_qwen2
@@ -432,17 +436,19 @@ def _build_stack(stack: str, spec: dict, targets: list[str], device) -> tuple[An
     import transformers
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    precision = torch.float32 if stack == "seed-fp32" else torch.bfloat16
+
     quant = transformers.BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16)
+        bnb_4bit_compute_dtype=precision)
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        spec["model_dir"], quantization_config=quant, dtype=torch.bfloat16, attn_implementation="sdpa",
+        spec["model_dir"], quantization_config=quant, dtype=precision, attn_implementation="sdpa",
         device_map={"": device.index if device.type == "cuda" else "cpu"})
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = get_peft_model(model, LoraConfig(
         r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules=targets,
         bias="none", task_type="CAUSAL_LM"))
-    return model, stack != "seed"
+    return model, stack not in ("seed", "seed-fp32")
 
 
 # =========================================================================== one run (parent side)
@@ -624,7 +630,7 @@ def fmt(value: Any, spec: str) -> str:
 
 def _key(r: dict) -> tuple:
     return (r.get("preset"), r.get("mode", "fixed"), r.get("lora_targets"), r.get("gpu_memory_cap"), r.get("stack"),
-            r.get("seq_len"))
+            r.get("seq_len"), r.get("grad_reference", "seed") if r.get("mode") == "grad" else None)
 
 
 def merge_rounds(rounds: list[dict]) -> dict:
@@ -779,11 +785,14 @@ def write_reports(out: Path, preset: str, tolerance: float) -> tuple[Path, Path 
     lines += [f"- MISMATCH: {p}" for p in problems] or [f"All stacks agree within {tolerance} at every length."]
     checks = latest_records([r for r in records if r.get("mode") == "grad"], preset)
     if checks:
-        lines += ["", "## LoRA gradients against seed (one step from common LoRA weights)", "",
-                  "| targets | seq_len | stack | status | relative error (all LoRA tensors) | worst tensor | loss |",
-                  "|---|---:|---|---|---:|---:|---:|"]
+        lines += ["", "## LoRA gradients against a reference stack (one step from common LoRA weights)", "",
+                  "seed runs its 4-bit matmuls in bf16; seed-fp32 is the same model in fp32 throughout.", "",
+                  "| targets | seq_len | reference | stack | status | relative error (all LoRA tensors) "
+                  "| worst tensor | loss |",
+                  "|---|---:|---|---|---|---:|---:|---:|"]
         for r in checks:
-            lines.append(f"| {r.get('lora_targets')} | {r['seq_len']} | {r['stack']} | {r.get('status')} "
+            lines.append(f"| {r.get('lora_targets')} | {r['seq_len']} | {r.get('grad_reference', 'seed')} "
+                         f"| {r['stack']} | {r.get('status')} "
                          f"| {fmt(r.get('grad_rel_error'), '.2e')} | {fmt(r.get('grad_worst_tensor_rel_error'), '.2e')} "
                          f"| {fmt(r.get('loss_step1'), '.4f')} |")
     found = search_summary(records, preset)
@@ -890,10 +899,11 @@ def fixed_lengths(args, stacks: list[str], model_dir: Path) -> None:
 
 
 def gradient_check(args, stacks: list[str], model_dir: Path) -> None:
-    """LoRA gradients of one step from common weights, each stack against `seed` (computed first)."""
+    """LoRA gradients of one step from common weights, each stack against --grad-reference (run first)."""
     import torch
 
-    order = ["seed"] + [s for s in stacks if s != "seed"]
+    reference_stack = args.grad_reference
+    order = [reference_stack] + [s for s in stacks if s != reference_stack]
     for seq_len in args.seq_lens:
         reference = None
         for stack in order:
@@ -903,9 +913,9 @@ def gradient_check(args, stacks: list[str], model_dir: Path) -> None:
             grads = torch.load(record["grad_file"])
             if reference is None:
                 reference = grads
-            record.update(gradient_errors(grads, reference))
+            record.update(gradient_errors(grads, reference), grad_reference=reference_stack)
             append_record(args.out, record)  # the newest record per row wins in the reports
-            print(f"compare: {stack} @ {seq_len}: LoRA gradients vs seed: relative error "
+            print(f"compare: {stack} @ {seq_len}: LoRA gradients vs {reference_stack}: relative error "
                   f"{record['grad_rel_error']:.2e} (worst tensor {record['grad_worst_tensor_rel_error']:.2e})",
                   flush=True)
 
@@ -969,6 +979,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="largest first-step loss difference from the median before it is flagged")
     p.add_argument("--max-length-search", action="store_true",
                    help="find each stack's longest trainable length (use with --gpu-memory)")
+    p.add_argument("--grad-reference", default="seed",
+                   help="the stack whose gradients --grad-check compares the others with (default seed; "
+                        "seed-fp32 is the full-precision one)")
     p.add_argument("--grad-check", action="store_true",
                    help="compare each stack's LoRA gradients of one step with seed's (from common LoRA weights)")
     p.add_argument("--search-start", type=int, default=None)
@@ -991,11 +1004,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.variants = {}
     for item in args.variant:
         name, sep, flags = item.partition("=")
-        if not sep or not name or name in BUILTIN_STACKS:
+        if not sep or not name or name in BUILTIN_STACKS + REFERENCE_STACKS:
             p.error(f"--variant: expected NAME=FLAGS with a new name; got {item!r}")
         args.variants[name] = flags
     args.stack_list = [s.strip() for s in args.stacks.split(",") if s.strip()]
-    unknown = [s for s in args.stack_list if s not in BUILTIN_STACKS and s not in args.variants]
+    known = (*BUILTIN_STACKS, *REFERENCE_STACKS, *args.variants)
+    unknown = [s for s in [*args.stack_list, args.grad_reference] if s not in known]
     if unknown:
         p.error(f"--stacks: unknown {', '.join(unknown)}")
     if args.steps <= args.warmup:

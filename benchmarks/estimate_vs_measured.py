@@ -47,7 +47,8 @@ def study_rows(name: str) -> list[dict]:
 # layer's saved attention on the GPU until the end of backward (fixed before the next run).
 _ON = {"offload_activations": True, "tiled_mlp_chunk": 4096, "embeddings_on_host": True,
        "fuse_elementwise": True, "loss_chunk_tokens": 512, "lora_matmul": "compute", "fuse_loss": False,
-       "fuse_rope": False, "dequantize_once": False, "dequantize_graph": False}
+       "fuse_rope": False, "dequantize_once": False, "dequantize_graph": False,
+       "compile_static_shapes": False, "loss_kernel": "compiled"}
 COMPARE_DEFAULTS_SINCE: list[tuple[str, dict | None]] = [
     # before the memory techniques were switched on by default
     ("2026-11-28T23:00", {"offload_activations": False, "tiled_mlp_chunk": 0, "embeddings_on_host": False,
@@ -65,6 +66,12 @@ COMPARE_DEFAULTS_SINCE: list[tuple[str, dict | None]] = [
                           "fuse_rope": True, "dequantize_once": True}),
     ("2026-11-29T04:40", {**_ON, "save_attention": True, "tiled_mlp_chunk": 8192, "fuse_loss": True,
                           "fuse_rope": True, "dequantize_once": True, "dequantize_graph": True}),
+    ("2026-11-29T05:46", {**_ON, "save_attention": True, "tiled_mlp_chunk": 8192, "fuse_loss": True,
+                          "fuse_rope": True, "dequantize_once": True, "dequantize_graph": True,
+                          "compile_static_shapes": True}),
+    ("2026-11-29T06:00", {**_ON, "save_attention": True, "tiled_mlp_chunk": 8192, "fuse_loss": True,
+                          "fuse_rope": True, "dequantize_once": True, "dequantize_graph": True,
+                          "compile_static_shapes": True, "loss_kernel": "triton"}),
 ]
 
 

@@ -1231,3 +1231,19 @@ def test_chunked_ce_full_chunks_take_the_static_shape_kernel(monkeypatch):
         assert sorted(compiled) == [("chunk_loss_and_grad", True), ("chunk_loss_and_grad_full", False)]
     finally:
         cross_entropy._fused_chunk_fn.cache_clear()
+
+
+def test_static_shape_kernels_stop_compiling_after_a_few_shapes():
+    # unpacked data pads each batch to its longest example: past STATIC_SHAPES_PER_FUNCTION new
+    # shapes, calls go to the any-length kernel instead of compiling once more for every length
+    from memtune.kernels import fused
+
+    served = []
+    static = lambda x: served.append(("static", x.shape[0])) or x  # noqa: E731
+    general = lambda x: served.append(("general", x.shape[0])) or x  # noqa: E731
+    run = fused._static_then_general(static, general)
+    limit = fused.STATIC_SHAPES_PER_FUNCTION
+    for n in [*range(1, limit + 3), 1, limit]:
+        run(torch.zeros(n))
+    assert served == ([("static", n) for n in range(1, limit + 1)] + [("general", limit + 1), ("general", limit + 2)]
+                      + [("static", 1), ("static", limit)])

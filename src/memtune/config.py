@@ -24,6 +24,7 @@ Quantization = Literal["nf4", "fp4", "int8", "none"]
 ComputeDtype = Literal["auto", "bf16", "fp16", "fp32"]
 Optimizer = Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"]
 LossImpl = Literal["chunked", "full"]
+LossKernel = Literal["triton", "compiled"]
 Attention = Literal["auto", "sdpa", "eager", "flash_attention_2"]
 DataFormat = Literal["auto", "text", "prompt_completion", "gsm8k", "alpaca", "messages"]
 LongPolicy = Literal["truncate", "drop"]
@@ -144,11 +145,13 @@ class RunConfig:
     # fuse_loss's full chunks) for the step's exact shapes instead of for any length. Kernels compiled
     # for symbolic shapes cannot prove 16-byte alignment, so Triton emits
     # scalar loads (reported 1.5-3.4x slower pointwise and norm kernels:
-    # pytorch/pytorch#177061). In the profiled 16384-token H200 step, which is
-    # bound by the GPU, the compiled kernels took 59 ms and moved 0.7-2.8 TB/s
-    # of the H200's 4.8 (RoPE 0.7). Each new training shape compiles once more;
-    # eval and generation keep the any-length kernels. Off until measured.
-    compile_static_shapes: bool = False
+    # pytorch/pytorch#177061). Measured on the H200 at 16384 tokens, two rounds
+    # interleaved in one command: 38,437 and 38,346 tokens/s against 36,952 and
+    # 36,820 without, the same peak; the compiled kernels of a step fell from 59
+    # to 36 ms (compare-h200-18.log, profile-16k-static-h200.txt). Each new
+    # training shape compiles once more, up to a few per function
+    # (kernels/fused.py); eval and generation keep the any-length kernels.
+    compile_static_shapes: bool = True
     # chunked = never materialise the [tokens, vocab] logits (loss and its
     # gradient computed a chunk of tokens at a time); full = model's own loss.
     loss: LossImpl = "chunked"
@@ -162,6 +165,15 @@ class RunConfig:
     # same peak (2.59 GB); the loss's elementwise kernels fall from about 30 ms
     # a step to under 10 (benchmarks/results/profile-16k-fuse-loss-h200.txt).
     fuse_loss: bool = True
+    # What fuse_loss runs on CUDA: triton = a hand-written kernel
+    # (kernels/cross_entropy_triton.py: online softmax, two reads of the chunk
+    # logits, the gradient written over them in place, so no second [chunk,
+    # vocab] buffer); compiled = chunk_loss_and_grad under torch.compile. One
+    # 512 x 151936 chunk on the H200: 150 us against 283 (compiled for the
+    # exact shape) and 407 (any length). At 16384 tokens, two rounds
+    # interleaved: 39,170 and 39,128 tokens/s against 37,869 and 38,670
+    # (compare-h200-19.log). Where triton is missing the loss runs unfused.
+    loss_kernel: LossKernel = "triton"
 
     # --- training ----------------------------------------------------------
     seq_len: int = 16384  # capped to what the data and the model allow
@@ -374,7 +386,8 @@ def from_dict(values: dict[str, Any], source: str = "config") -> RunConfig:
 # them had: a stored config without the key is read back as what actually ran.
 LEGACY_VALUES: dict[str, Any] = {"lora_matmul": "fp32", "embeddings_on_host": False, "fuse_elementwise": False,
                                  "save_attention": False, "dequantize_once": False, "dequantize_graph": False,
-                                 "fuse_loss": False, "residual_dtype": "compute", "fuse_rope": False}
+                                 "fuse_loss": False, "residual_dtype": "compute", "fuse_rope": False,
+                                 "compile_static_shapes": False, "loss_kernel": "compiled"}
 
 
 def from_stored_dict(values: dict[str, Any]) -> RunConfig:

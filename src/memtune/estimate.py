@@ -608,14 +608,16 @@ def chunked_loss_bytes(shape: ModelShape, tokens: int, cfg: RunConfig, dtype_byt
 
     grad_hidden kept for backward      tokens x hidden x dtype
     one chunk of C tokens at its peak: fp32 logits (4 C V) + a dtype copy (2 C V)   = 6 C V
-        (fuse_loss on CUDA: the dtype logits and their dtype gradient, 4 C V)
+        (fuse_loss on CUDA: the dtype logits and their dtype gradient, 4 C V;
+         with loss_kernel=triton the gradient is written over the logits, 2 C V)
         C = min(loss_chunk_tokens, tokens, 1 GiB / (4 V) rounded down to 64)
     """
     cap = LOSS_CHUNK_MAX_BYTES // (4 * shape.vocab)
     cap = cap - cap % 64 if cap >= 64 else max(cap, 1)
     chunk = min(cfg.loss_chunk_tokens, cap, tokens)
     if cfg.fuse_loss and device == "cuda":  # compiled chunk: logits and their gradient in the dtype, no fp32 copy
-        chunk_bytes = 2 * _round(chunk * shape.vocab * dtype_bytes)
+        buffers = 1 if cfg.loss_kernel == "triton" else 2
+        chunk_bytes = buffers * _round(chunk * shape.vocab * dtype_bytes)
     else:
         chunk_bytes = _round(chunk * shape.vocab * 4) + _round(chunk * shape.vocab * dtype_bytes)
     return {"grad_hidden": _round(tokens * shape.hidden * dtype_bytes), "chunk": chunk_bytes}
@@ -865,7 +867,7 @@ def _summary(row: dict[str, Any]) -> str:
     if cfg.get("residual_dtype") == "fp32":
         bits.append("fp32-residual")
     if cfg.get("fuse_loss"):
-        bits.append("fused-loss")
+        bits.append("triton-loss" if cfg.get("loss_kernel") == "triton" else "fused-loss")
     if cfg.get("loss_chunk_tokens") not in (None, 4096):
         bits.append(f"loss-chunk{cfg['loss_chunk_tokens']}")
     if cfg.get("loss") == "full":

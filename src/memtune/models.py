@@ -356,7 +356,6 @@ def _move_embeddings_to_host(model: nn.Module, notes: list[str]) -> None:
         notes.append(f"embeddings_on_host: kept on the device, {reason}")
 
 
-@functools.lru_cache(maxsize=None)  # asked on every training step by the fused loss
 @functools.cache  # asked at every training step by the loss: a Triton import and a capability query
 def compile_unavailable_reason(device: torch.device) -> str | None:
     """Why torch.compile's GPU kernels cannot be used on `device`, or None when they can."""

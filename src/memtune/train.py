@@ -127,6 +127,13 @@ def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: RunConfi
     return _forward_loss(model, inputs, batch, cfg, host_batch)
 
 
+def _loss_chunk_kernel(cfg: RunConfig, device: torch.device) -> bool | str:
+    """chunked_linear_cross_entropy's `fused`: the kernel each loss chunk runs (False = unfused)."""
+    if not cfg.fuse_loss or compile_unavailable_reason(device) is not None:
+        return False
+    return "triton" if cfg.loss_kernel == "triton" else True
+
+
 def _forward_loss(model: nn.Module, inputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
                   cfg: RunConfig, host_batch: dict[str, torch.Tensor]) -> torch.Tensor:
     if "position_ids" in batch:
@@ -145,7 +152,7 @@ def _forward_loss(model: nn.Module, inputs: dict[str, torch.Tensor], batch: dict
     host_labels = host_batch.get("labels")
     return chunked_linear_cross_entropy(hidden, head.weight, labels, bias=head.bias,
                                         chunk_tokens=cfg.loss_chunk_tokens,
-                                        fused=cfg.fuse_loss and compile_unavailable_reason(hidden.device) is None,
+                                        fused=_loss_chunk_kernel(cfg, hidden.device),
                                         host_labels=None if host_labels is None else host_labels[:, 1:],
                                         static_full_chunks=cfg.compile_static_shapes)
 

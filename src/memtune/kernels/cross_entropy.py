@@ -106,6 +106,21 @@ def _fused_chunk_fn(static_full_chunks: bool = False, chunk: int = 0) -> Callabl
     return dispatch
 
 
+def _chunk_fn(fused: bool | str, static_full_chunks: bool, chunk: int) -> Callable | None:
+    """What computes each chunk's loss and gradient: None (the plain fp32 path), the math uncompiled
+    ("eager"), the hand-written Triton kernel ("triton") or the compiled function (True)."""
+    if not fused:
+        return None
+    if fused == "eager":
+        return chunk_loss_and_grad
+    if fused == "triton":
+        from memtune.kernels.cross_entropy_triton import chunk_loss_and_grad_triton
+        return chunk_loss_and_grad_triton
+    if fused is not True:
+        raise ValueError(f"fused must be False, True, 'eager' or 'triton'; got {fused!r}")
+    return _fused_chunk_fn(static_full_chunks, chunk if static_full_chunks else 0)
+
+
 def _label_layout(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, int, int, bool]:
     """(indices of the labelled tokens, their count, the first one, whether they form one run).
 
@@ -251,7 +266,9 @@ def chunked_linear_cross_entropy(
     chunk logits stay within `max_chunk_bytes` (None: no cap). fused=True runs
     each chunk's softmax and gradient as one compiled function
     (`chunk_loss_and_grad`, torch.compile); fused="eager" runs the same
-    function uncompiled (for testing it anywhere). `host_labels`: the same
+    function uncompiled (for testing it anywhere); fused="triton" runs a
+    hand-written Triton kernel that writes the gradient over the chunk logits
+    (`cross_entropy_triton`, CUDA). `host_labels`: the same
     labels in host memory, if the caller has them; which tokens are labelled
     is then read there, and the GPU is not made to wait for that mid-step
     (the host keeps running ahead into backward). `static_full_chunks` (with
@@ -274,7 +291,6 @@ def chunked_linear_cross_entropy(
     chunk = effective_chunk_tokens(chunk_tokens, weight.shape[0], max_chunk_bytes)
     compute_dtype = _compute_dtype(hidden, weight)
     with torch.autocast(device_type=hidden.device.type, enabled=False):
-        fn = None if not fused else (chunk_loss_and_grad if fused == "eager"
-                                     else _fused_chunk_fn(static_full_chunks, chunk if static_full_chunks else 0))
+        fn = _chunk_fn(fused, static_full_chunks, chunk)
         return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk, ignore_index, compute_dtype, fn,
                                                 layout)

@@ -59,13 +59,36 @@ def _compiled(fn: Callable, static: bool = False) -> Callable:
     return torch.compile(fn, dynamic=not static)
 
 
+# Distinct training shapes a static-shape function compiles for; calls of any further shape take the
+# any-length kernel. Packed and random data give one shape a step (two with the tiled MLP's last
+# chunk); unpacked data pads each batch to its longest example, which would otherwise compile anew
+# for every new length (seconds each) and then hit torch's recompile limit.
+STATIC_SHAPES_PER_FUNCTION = 4
+
+
+@functools.cache
+def _static_then_general(static_fn: Callable, general_fn: Callable) -> Callable:
+    """static_fn for the first STATIC_SHAPES_PER_FUNCTION argument shapes seen, general_fn after."""
+    shapes: set[tuple] = set()
+
+    def run(*args):
+        key = tuple(a.shape for a in args if isinstance(a, torch.Tensor))
+        if key not in shapes and len(shapes) >= STATIC_SHAPES_PER_FUNCTION:
+            return general_fn(*args)
+        shapes.add(key)
+        return static_fn(*args)
+
+    run.shapes = shapes  # for tests
+    return run
+
+
 def pick_compiled(fn: Callable, training_fn: Callable, compile_fn: bool,
                   static_training: bool) -> tuple[Callable, Callable]:
     """(the function for eval and generation, the one for training mode)."""
     general = _compiled(fn) if compile_fn else fn
     if not static_training:
         return general, general
-    return general, (_compiled(training_fn, static=True) if compile_fn else training_fn)
+    return general, _static_then_general(_compiled(training_fn, static=True) if compile_fn else training_fn, general)
 
 
 # torch's and transformers' own SiLU modules (ACT2FN["silu"] is the latter in transformers 5)
