@@ -527,7 +527,7 @@ def run_one(args: argparse.Namespace, stack: str, seq_len: int, model_dir: Path,
                 "gpu_memory_cap_bytes": None if grad else record["gpu_memory_cap_bytes"]}
         if grad:
             spec.update(grad_file=str(work / "grads.pt"), memtune_argv=train_args)
-            record["grad_file"] = spec["grad_file"]
+            record.update(grad_file=spec["grad_file"], grad_reference=args.grad_reference)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     record["command"] = shlex.join(cmd)
     print(f"compare: {stack} @ {seq_len} ...", flush=True)

@@ -189,6 +189,13 @@ def test_memory_techniques_lower_the_estimate():
     assert _total(seq_len=32768, **{**OFF, "lora_matmul": "compute"}) < _total(seq_len=32768, **OFF)
     assert _total(seq_len=32768) < _total(seq_len=32768, **OFF)  # the defaults: all of them
     assert _total(loss_chunk_tokens=4096) < _total(loss_chunk_tokens=4096, fuse_loss=False)  # peak at the loss
+    # the Triton kernel writes the chunk's gradient over its logits: one [chunk, vocab] buffer, not two
+    from memtune.estimate import chunked_loss_bytes, load_model_config, model_shape
+
+    shape = model_shape(load_model_config(PRESET))
+    chunk = {kernel: chunked_loss_bytes(shape, 16384, RunConfig(model=PRESET, loss_kernel=kernel), 2)["chunk"]
+             for kernel in ("triton", "compiled")}
+    assert chunk["compiled"] == 2 * chunk["triton"] > 0
     assert _total(quantization="nf4") < _total(quantization="int8", gradient_checkpointing=False)
     assert _total(quantization="nf4") < _total(quantization="none")
     assert _total(double_quant=True) < _total(double_quant=False)

@@ -1,7 +1,9 @@
-"""Memory kernels for long-context LoRA fine-tuning, in plain PyTorch (no Triton).
+"""Memory kernels for long-context LoRA fine-tuning: plain PyTorch, torch.compile where it pays, and
+one hand-written Triton kernel (the loss chunk's softmax and gradient, CUDA only).
 
     chunked_linear_cross_entropy(hidden, weight, labels, bias=None, chunk_tokens=4096,
-                                 ignore_index=-100, *, max_chunk_bytes=1 GiB) -> scalar
+                                 ignore_index=-100, *, max_chunk_bytes=1 GiB, fused=False) -> scalar
+                                 # fused: True (compiled), "triton" (cross_entropy_triton) or "eager"
     enable_offloaded_checkpointing(model, save_attention=False) -> int  # disable_offloaded_checkpointing(model)
     enable_tiled_mlp(model, chunk_tokens) -> int     # disable_tiled_mlp(model)
     enable_compute_dtype_lora(model) -> int          # disable_compute_dtype_lora(model)
