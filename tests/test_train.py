@@ -279,3 +279,16 @@ def test_each_micro_batch_is_prepared_during_the_previous_backward(learnable_dat
     assert session.feed.batches is fresh
     with pytest.raises(StopIteration):  # its data ended with the step: nothing was prepared
         session.feed.take()
+
+
+def test_the_loss_chunk_kernel_follows_fuse_loss_and_loss_kernel(monkeypatch):
+    # triton (the default) or the compiled chunk where kernels can be compiled; unfused elsewhere
+    from memtune import train
+    from memtune.config import RunConfig
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(train, "compile_unavailable_reason", lambda device: None if device.type == "cuda" else "cpu")
+    assert train._loss_chunk_kernel(RunConfig(), cuda) == "triton"
+    assert train._loss_chunk_kernel(RunConfig(loss_kernel="compiled"), cuda) is True
+    assert train._loss_chunk_kernel(RunConfig(fuse_loss=False), cuda) is False
+    assert train._loss_chunk_kernel(RunConfig(), torch.device("cpu")) is False
