@@ -38,22 +38,26 @@ def test_triton_chunk_matches_the_reference_math_and_writes_over_the_logits(dtyp
     torch.testing.assert_close(grad.float(), ref_grad.float(), **tol)
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("mask", ["strided", "none"])
-def test_chunked_loss_with_the_triton_kernel_equals_full_logits_cross_entropy(mask):
+def test_chunked_loss_with_the_triton_kernel_equals_full_logits_cross_entropy(mask, with_bias):
     torch.manual_seed(1)
     hidden = torch.randn(37, 24, device=DEVICE, requires_grad=True)
     weight = (torch.randn(61, 24, device=DEVICE) * 0.3).requires_grad_()
+    bias = torch.randn(61, device=DEVICE, requires_grad=True) if with_bias else None
     labels = torch.randint(0, 61, (37,), device=DEVICE)
     if mask == "strided":
         labels[::4] = -100
+    tensors = [t for t in (hidden, weight, bias) if t is not None]
 
     def grads(fn):
-        hidden.grad = weight.grad = None
+        for t in tensors:
+            t.grad = None
         loss = fn()
         loss.backward()
-        return loss.detach(), hidden.grad.clone(), weight.grad.clone()
+        return [loss.detach()] + [t.grad.clone() for t in tensors]
 
-    got = grads(lambda: chunked_linear_cross_entropy(hidden, weight, labels, chunk_tokens=8, fused="triton"))
-    ref = grads(lambda: F.cross_entropy(hidden @ weight.t(), labels, ignore_index=-100))
+    got = grads(lambda: chunked_linear_cross_entropy(hidden, weight, labels, bias, chunk_tokens=8, fused="triton"))
+    ref = grads(lambda: F.cross_entropy(F.linear(hidden, weight, bias), labels, ignore_index=-100))
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
