@@ -63,6 +63,8 @@ from memtune.provenance import now_iso  # noqa: E402
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "compare-h200.json"
 BUILTIN_STACKS = ("seed", "seed-autocast", "liger", "unsloth", "memtune")
 REFERENCE_STACKS = ("seed-fp32",)  # accepted by --stacks, never run by default
+# what --grad-check compares against unless told, and what its records before --grad-reference had
+DEFAULT_GRAD_REFERENCE = "seed"
 TARGETS = {
     "qv": ["q_proj", "v_proj"],
     "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -630,7 +632,7 @@ def fmt(value: Any, spec: str) -> str:
 
 def _key(r: dict) -> tuple:
     return (r.get("preset"), r.get("mode", "fixed"), r.get("lora_targets"), r.get("gpu_memory_cap"), r.get("stack"),
-            r.get("seq_len"), r.get("grad_reference", "seed") if r.get("mode") == "grad" else None)
+            r.get("seq_len"), r.get("grad_reference", DEFAULT_GRAD_REFERENCE) if r.get("mode") == "grad" else None)
 
 
 def merge_rounds(rounds: list[dict]) -> dict:
@@ -791,7 +793,7 @@ def write_reports(out: Path, preset: str, tolerance: float) -> tuple[Path, Path 
                   "| worst tensor | loss |",
                   "|---|---:|---|---|---|---:|---:|---:|"]
         for r in checks:
-            lines.append(f"| {r.get('lora_targets')} | {r['seq_len']} | {r.get('grad_reference', 'seed')} "
+            lines.append(f"| {r.get('lora_targets')} | {r['seq_len']} | {r.get('grad_reference', DEFAULT_GRAD_REFERENCE)} "
                          f"| {r['stack']} | {r.get('status')} "
                          f"| {fmt(r.get('grad_rel_error'), '.2e')} | {fmt(r.get('grad_worst_tensor_rel_error'), '.2e')} "
                          f"| {fmt(r.get('loss_step1'), '.4f')} |")
@@ -979,7 +981,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="largest first-step loss difference from the median before it is flagged")
     p.add_argument("--max-length-search", action="store_true",
                    help="find each stack's longest trainable length (use with --gpu-memory)")
-    p.add_argument("--grad-reference", default="seed",
+    p.add_argument("--grad-reference", default=DEFAULT_GRAD_REFERENCE,
                    help="the stack whose gradients --grad-check compares the others with (default seed; "
                         "seed-fp32 is the full-precision one)")
     p.add_argument("--grad-check", action="store_true",

@@ -43,36 +43,40 @@ def study_rows(name: str) -> list[dict]:
 
 
 # memtune's defaults at the time each compare row was measured: flags on its command line
-# override them. Rows measured 2026-11-29T00:36-00:46 are left out (None): their build kept every
-# layer's saved attention on the GPU until the end of backward (fixed before the next run).
-_ON = {"offload_activations": True, "tiled_mlp_chunk": 4096, "embeddings_on_host": True,
-       "fuse_elementwise": True, "loss_chunk_tokens": 512, "lora_matmul": "compute", "fuse_loss": False,
-       "fuse_rope": False, "dequantize_once": False, "dequantize_graph": False,
-       "compile_static_shapes": False, "loss_kernel": "compiled"}
-COMPARE_DEFAULTS_SINCE: list[tuple[str, dict | None]] = [
+# override them. Each entry changes the defaults of the one before it. Rows measured
+# 2026-11-29T00:36-00:46 are left out (None): their build kept every layer's saved attention on
+# the GPU until the end of backward (fixed before the next run).
+_DEFAULT_CHANGES: list[tuple[str, dict | None]] = [
     # before the memory techniques were switched on by default
     ("2026-11-28T23:00", {"offload_activations": False, "tiled_mlp_chunk": 0, "embeddings_on_host": False,
                           "fuse_elementwise": False, "loss_chunk_tokens": 4096, "lora_matmul": "compute",
                           "fuse_loss": False, "fuse_rope": False, "dequantize_once": False,
-                          "dequantize_graph": False}),
-    ("2026-11-29T00:00", {**_ON, "save_attention": False}),
+                          "dequantize_graph": False, "compile_static_shapes": False, "loss_kernel": "compiled"}),
+    ("2026-11-29T00:00", {"offload_activations": True, "tiled_mlp_chunk": 4096, "embeddings_on_host": True,
+                          "fuse_elementwise": True, "loss_chunk_tokens": 512, "save_attention": False}),
     ("2026-11-29T00:36", None),
-    ("2026-11-29T00:47", {**_ON, "save_attention": True}),
-    ("2026-11-29T01:10", {**_ON, "save_attention": True, "tiled_mlp_chunk": 8192}),
-    ("2026-11-29T02:40", {**_ON, "save_attention": True, "tiled_mlp_chunk": 8192, "fuse_loss": True}),
-    ("2026-11-29T03:45", {**_ON, "save_attention": True, "tiled_mlp_chunk": 8192, "fuse_loss": True,
-                          "fuse_rope": True}),
-    ("2026-11-29T03:55", {**_ON, "save_attention": True, "tiled_mlp_chunk": 8192, "fuse_loss": True,
-                          "fuse_rope": True, "dequantize_once": True}),
-    ("2026-11-29T04:40", {**_ON, "save_attention": True, "tiled_mlp_chunk": 8192, "fuse_loss": True,
-                          "fuse_rope": True, "dequantize_once": True, "dequantize_graph": True}),
-    ("2026-11-29T05:46", {**_ON, "save_attention": True, "tiled_mlp_chunk": 8192, "fuse_loss": True,
-                          "fuse_rope": True, "dequantize_once": True, "dequantize_graph": True,
-                          "compile_static_shapes": True}),
-    ("2026-11-29T06:00", {**_ON, "save_attention": True, "tiled_mlp_chunk": 8192, "fuse_loss": True,
-                          "fuse_rope": True, "dequantize_once": True, "dequantize_graph": True,
-                          "compile_static_shapes": True, "loss_kernel": "triton"}),
+    ("2026-11-29T00:47", {"save_attention": True}),
+    ("2026-11-29T01:10", {"tiled_mlp_chunk": 8192}),
+    ("2026-11-29T02:40", {"fuse_loss": True}),
+    ("2026-11-29T03:45", {"fuse_rope": True}),
+    ("2026-11-29T03:55", {"dequantize_once": True}),
+    ("2026-11-29T04:40", {"dequantize_graph": True}),
+    ("2026-11-29T05:46", {"compile_static_shapes": True}),
+    ("2026-11-29T06:00", {"loss_kernel": "triton"}),
 ]
+
+
+def _accumulated(changes: list[tuple[str, dict | None]]) -> list[tuple[str, dict | None]]:
+    """(since, the whole defaults then) for each change; None stays None and changes nothing."""
+    whole, current = [], {}
+    for since, change in changes:
+        if change is not None:
+            current = {**current, **change}
+        whole.append((since, None if change is None else current))
+    return whole
+
+
+COMPARE_DEFAULTS_SINCE = _accumulated(_DEFAULT_CHANGES)
 
 
 def defaults_at(date: str) -> dict | None:
