@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 from dataclasses import fields
-from typing import Any, Sequence
+from typing import Any, MutableMapping, Sequence
 
 from memtune.errors import UserError
 
@@ -103,20 +103,32 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    quiet_libraries()
+# What every memtune process runs with unless the user set otherwise.
+RUN_ENVIRONMENT: dict[str, str] = {
     # No network, ever: a hub id must already be in the local cache.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
     # CUDA memory in segments that grow in place: a long-context step allocates and frees blocks
     # of very different sizes (a layer's [tokens, intermediate] chunks beside a few MB of weights),
     # which fragments fixed segments, and reserved memory (what the card must hold) runs above the
-    # allocated peak. Every H200 comparison row was measured with this setting (compare.py sets it
-    # for all stacks), so memtune's own runs now match them. Read when CUDA first allocates; a
-    # user's setting wins.
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    # allocated peak. Every H200 comparison row was measured with this setting (benchmarks/compare.py
+    # gives every stack this environment), so memtune's own runs match them. Read when CUDA first
+    # allocates.
+    "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+}
+
+
+def set_run_environment(env: MutableMapping[str, str]) -> None:
+    """Fill in RUN_ENVIRONMENT where `env` (os.environ, or a child process's) has no value; a user's wins."""
+    for key, value in RUN_ENVIRONMENT.items():
+        env.setdefault(key, value)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    quiet_libraries()
+    set_run_environment(os.environ)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
