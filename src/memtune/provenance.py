@@ -15,13 +15,14 @@ from pathlib import Path
 _PACKAGES = ("memtune", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "liger-kernel")
 
 
-def package_versions() -> dict[str, str | None]:
+def package_versions(extra: tuple[str, ...] = ()) -> dict[str, str | None]:
+    """memtune's packages' versions, plus those of `extra` (a benchmark's other stacks: unsloth, trl)."""
     from importlib import metadata
 
     import memtune
 
     versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in _PACKAGES:
+    for name in (*_PACKAGES, *extra):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
