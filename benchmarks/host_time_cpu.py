@@ -56,7 +56,7 @@ def step_times(model_dir: Path, flags: list[str], steps: int = 10) -> tuple[list
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from compare import prepare_model_dir
+    from shared_model import prepare_model_dir
     from memtune.provenance import now_iso
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
