@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -25,12 +26,13 @@ ComputeDtype = Literal["auto", "bf16", "fp16", "fp32"]
 Optimizer = Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"]
 LossImpl = Literal["chunked", "full"]
 LossKernel = Literal["triton", "compiled"]
-Attention = Literal["auto", "sdpa", "eager", "flash_attention_2"]
+Attention = Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"]
 DataFormat = Literal["auto", "text", "prompt_completion", "gsm8k", "alpaca", "messages"]
 LongPolicy = Literal["truncate", "drop"]
 LoraMatmul = Literal["compute", "fp32"]
 ResidualDtype = Literal["compute", "fp32"]
 Device = Literal["auto", "cuda", "cpu"]
+LogSink = Literal["jsonl", "tensorboard"]
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ class RunConfig:
     # not depend on weight values, so this measures a 8B model without weights.
     random_init: bool = False
     trust_remote_code: bool = False  # off: never run code shipped with a model
-    attention: Attention = "auto"  # auto = sdpa (flash / memory-efficient kernels)
+    attention: Attention = "auto"  # auto = sdpa, or what the family needs (memtune.families)
 
     # --- quantization (bitsandbytes) ---------------------------------------
     # nf4/fp4 store frozen weights in 4 bits (about 0.53 bytes/param with
@@ -182,6 +184,11 @@ class RunConfig:
     batch_size: int = 0
     grad_accum: int = 1
     steps: int = 400
+    # Passes over the training data instead of `steps` (0 = use steps): the
+    # steps become ceil(epochs x examples / (batch_size x grad_accum)), each
+    # epoch a fresh seeded shuffle; a batch may take its last examples from the
+    # next epoch's order (every batch is full).
+    epochs: float = 0.0
     warmup_steps: int = 5  # steps excluded from the median step time
     # 2e-3 lifts the built-in task in 400 steps; real models usually want 1e-4..2e-4.
     learning_rate: float = 2e-3
@@ -193,6 +200,12 @@ class RunConfig:
     # Cap what this run may allocate on the GPU ("24GiB", "16GB", "0.5"
     # fraction); empty = the whole card. Used by `study` to play a small card.
     gpu_memory: str = ""
+    # A validation loss (masked as training is) every val_every steps and at
+    # the end, on val_data (a file in the training data's format) or on a
+    # seeded val_split fraction of the training examples held out from training.
+    val_data: str = ""
+    val_split: float = 0.0
+    val_every: int = 0  # 0 = at each checkpoint
 
     # --- data --------------------------------------------------------------
     # "builtin" = the shipped arithmetic word-problem task; otherwise a path to
@@ -215,6 +228,18 @@ class RunConfig:
 
     # --- output ------------------------------------------------------------
     out: str = ""  # run directory; empty = a new directory under runs/
+    # Steps between checkpoints in DIR/checkpoints/step-N/ (adapter or model,
+    # optimizer, scheduler, RNG states, data position; `--resume` continues
+    # from the newest complete one). 0 = auto: every 10% of the run, at most
+    # 500 steps apart. A checkpoint is also written at the end and when
+    # SIGINT or SIGTERM stops the run.
+    checkpoint_every: int = 0
+    # The newest checkpoints kept (and the one with the best validation loss);
+    # 0 = none once the run has finished (the newest still protects it while it runs).
+    checkpoint_keep: int = 2
+    # DIR/log.jsonl is always written, one line a step; tensorboard = also
+    # TensorBoard event files in DIR/tensorboard/ (needs the tensorboard package).
+    log: LogSink = "jsonl"
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -225,7 +250,8 @@ class RunConfig:
     def config_hash(self) -> str:
         """Hash of everything that changes what a run measures (not where it writes)."""
         data = self.to_dict()
-        data.pop("out")
+        for name in NOT_MEASURED:
+            data.pop(name)
         text = json.dumps(data, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -257,6 +283,8 @@ class RunConfig:
 
 
 AUTO_BATCH_MAX = 8
+# Fields that say where and how often a run writes, not what it measures: out of config_hash.
+NOT_MEASURED = ("out", "checkpoint_every", "checkpoint_keep", "log")
 FIELD_NAMES = tuple(f.name for f in fields(RunConfig))
 _TYPES = get_type_hints(RunConfig)
 
@@ -269,6 +297,11 @@ _RANGE_CHECKS: dict[str, tuple[Any, str]] = {
     "batch_size": (lambda v: v >= 0, "an integer >= 0 (0 = auto)"),
     "grad_accum": (lambda v: v >= 1, "an integer >= 1"),
     "steps": (lambda v: v >= 1, "an integer >= 1"),
+    "epochs": (lambda v: 0 <= v <= 1e6, "a number of passes >= 0 (0 = use steps)"),
+    "val_split": (lambda v: 0 <= v < 1, "a fraction in [0, 1) (0 = none)"),
+    "val_every": (lambda v: v >= 0, "an integer >= 0 (0 = at each checkpoint)"),
+    "checkpoint_every": (lambda v: v >= 0, "an integer >= 0 (0 = auto: every 10% of the run)"),
+    "checkpoint_keep": (lambda v: v >= 0, "an integer >= 0"),
     "warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
     "learning_rate": (lambda v: v > 0, "a number > 0"),
     "weight_decay": (lambda v: v >= 0, "a number >= 0"),
@@ -318,9 +351,16 @@ def _coerce(name: str, value: Any) -> tuple[Any, str | None]:
         if isinstance(value, bool):
             return value, f"{name}: expected a number; got {value!r}"
         try:
-            return float(value), None
+            number = float(value)
+        except OverflowError:  # an integer beyond any float
+            return value, f"{name}: expected a finite number; got an integer of {len(str(value))} digits"
         except (TypeError, ValueError):
             return value, f"{name}: expected a number; got {value!r}"
+        # inf, nan, and a literal beyond the float range (1e400 reads as inf) pass every comparison
+        # check below or fail it with a misleading bound, then poison the run: refused here, by name
+        if not math.isfinite(number):
+            return value, f"{name}: expected a finite number; got {value!r}"
+        return number, None
     if typ is str:
         if value is None:
             return "", None
@@ -350,11 +390,75 @@ def _cross_field_problems(cfg: RunConfig) -> list[str]:
             parse_memory_size(cfg.gpu_memory)
         except ValueError as exc:
             problems.append(f"gpu_memory: {exc}")
+    if cfg.val_data and cfg.val_split:
+        problems.append("val_data, val_split: expected one source of validation examples; got both")
+    elif (cfg.val_data or cfg.val_split) and cfg.data == "random":
+        problems.append("val_data, val_split: random data has nothing to validate on; expected a data file")
     return problems
 
 
+# The sections of a grouped config (YAML or API), each a `# --- name ---` block of RunConfig:
+# section name -> its fields. Flat keys are accepted everywhere as well.
+_SECTION_OF_HEADER = {"model": "model", "quantization": "quantization", "lora": "lora", "memory": "memory",
+                      "training": "train", "data": "data", "evaluation": "eval", "output": "output"}
+
+
+def sections() -> dict[str, tuple[str, ...]]:
+    """section -> field names, read from the `# --- name ---` headers in RunConfig's source."""
+    import inspect
+
+    result: dict[str, list[str]] = {}
+    current = None
+    for line in inspect.getsource(RunConfig).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("# ---"):
+            header = stripped.strip("#- ").split()[0].lower()
+            current = _SECTION_OF_HEADER.get(header, header)
+            result.setdefault(current, [])
+        elif current and ":" in stripped and not stripped.startswith(("#", "def", "@", "return")):
+            name = stripped.split(":")[0]
+            if name in FIELD_NAMES:
+                result[current].append(name)
+    return {name: tuple(names) for name, names in result.items()}
+
+
+def flatten_sections(values: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """{"lora": {"lora_rank": 16}, "seq_len": 4096} -> {"lora_rank": 16, "seq_len": 4096}.
+
+    A section is a mapping under a section name; `model`, `data` and `eval` are also fields,
+    told apart by their value (a mapping is the section). A key in the wrong section, or given
+    twice, is a UserError naming it."""
+    groups = sections()
+    flat: dict[str, Any] = {}
+    problems = []
+    for key, value in values.items():
+        if key in groups and isinstance(value, dict):
+            for name, item in value.items():
+                home = next((g for g, names in groups.items() if name in names), None)
+                if home != key:
+                    where = f"it belongs to '{home}'" if home else "no such key"
+                    problems.append(f"{source}: section '{key}' has no key '{name}' ({where})")
+                elif name in flat:
+                    problems.append(f"{source}: '{name}' is given twice")
+                else:
+                    flat[name] = item
+        elif key in flat:
+            problems.append(f"{source}: '{key}' is given twice")
+        else:
+            flat[key] = value
+    if problems:
+        raise UserError("; ".join(problems))
+    return flat
+
+
+def to_sections(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A flat config dict grouped by section (for display and grouped YAML)."""
+    return {name: {k: values[k] for k in names if k in values} for name, names in sections().items()}
+
+
 def from_dict(values: dict[str, Any], source: str = "config") -> RunConfig:
-    """Build and validate a RunConfig; raise UserError listing every problem."""
+    """Build and validate a RunConfig (flat keys or sections); raise UserError listing every problem."""
+    values = flatten_sections(values, source)
     problems = []
     unknown = sorted(set(values) - set(FIELD_NAMES))
     for key in unknown:
@@ -427,8 +531,12 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Write via a temporary file and rename, so a killed run never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except BaseException:  # a failed write (the path is a directory, the disk is full) leaves nothing behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,

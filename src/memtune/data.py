@@ -27,7 +27,7 @@ import json
 import os
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -87,6 +87,8 @@ class DataBundle:
     notes: list[str]
     pad_token_id: int = 0  # what iterate_batches pads input_ids with
     packed: bool = False
+    # Held-out examples for the validation loss (val_split or val_data), masked as training is.
+    val: list[TrainExample] = field(default_factory=list)
 
 
 @dataclass
@@ -143,10 +145,13 @@ def load_data(cfg, tokenizer, max_positions: int | None) -> DataBundle:
     if not examples:
         why = [n for n in notes if n.startswith(("skipped", "dropped", "long_examples"))]
         raise UserError(f"data: no training examples left in {cfg.data} after filtering: {'; '.join(why)}")
+    examples, val = _split_val(cfg, examples, notes)
+    if cfg.val_data:
+        val = _read_val_file(cfg, fmt, tokenizer, seq_len, notes)
     if cfg.packing:
         examples = pack_examples(examples, seq_len, cfg.seed, notes)
     return DataBundle(train=examples, eval=evals, seq_len=seq_len, notes=notes,
-                      pad_token_id=_pad_id(tokenizer), packed=cfg.packing)
+                      pad_token_id=_pad_id(tokenizer), packed=cfg.packing, val=val)
 
 
 # --------------------------------------------------------------------------
@@ -538,6 +543,47 @@ def _split_eval(cfg, fmt: str, train: list[_Rendered], given_eval: list[_Rendere
 
 
 # --------------------------------------------------------------------------
+# Validation set (a loss, not an accuracy: any format has one)
+# --------------------------------------------------------------------------
+
+
+def _split_val(cfg, examples: list[TrainExample], notes: list[str]) -> tuple[list[TrainExample], list[TrainExample]]:
+    """Hold out a seeded val_split fraction of the training examples (before packing)."""
+    if not cfg.val_split:
+        return examples, []
+    n_val = max(1, round(cfg.val_split * len(examples)))
+    if n_val >= len(examples):
+        raise UserError(f"val_split: {cfg.val_split} of {len(examples)} training examples leaves none to train on; "
+                        f"expected a smaller fraction or more data")
+    order = list(range(len(examples)))
+    # its own stream: the eval split and the batch order keep theirs
+    random.Random(f"val-{cfg.seed}").shuffle(order)
+    held = set(order[:n_val])
+    notes.append(f"val: held out {n_val} of {len(examples)} training examples (val_split {cfg.val_split}) "
+                 f"for the validation loss")
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+
+
+def _read_val_file(cfg, fmt: str, tokenizer, seq_len: int, notes: list[str]) -> list[TrainExample]:
+    """val_data: a file in the training data's format, tokenized, masked and cut as training is."""
+    path = Path(cfg.val_data).expanduser()
+    if path.is_dir():
+        records = _read_dataset_dir(path)[0]
+    elif path.is_file():
+        records, _ = _read_file(path, cfg.skip_bad_lines)
+    else:
+        raise UserError(f"val_data: file not found: {path}")
+    rendered, _ = _render_all(records, fmt, cfg.skip_bad_lines, tokenizer)
+    examples = tokenize_rendered(rendered, tokenizer, cfg.train_on_prompt)
+    examples = _drop_untrainable(examples, notes, "(val_data) had no trainable tokens")
+    examples = _apply_long_policy(examples, seq_len, cfg.long_examples, notes)
+    if not examples:
+        raise UserError(f"val_data: {path}: no examples with trainable tokens (format {fmt})")
+    notes.append(f"val: {len(examples)} examples from {path} for the validation loss")
+    return examples
+
+
+# --------------------------------------------------------------------------
 # Tokenization and masking
 # --------------------------------------------------------------------------
 
@@ -734,36 +780,64 @@ def _random_bundle(cfg, tokenizer, limit: int, max_positions: int | None) -> Dat
 # --------------------------------------------------------------------------
 
 
-def iterate_batches(bundle: DataBundle, cfg, seed: int) -> Iterator[dict]:
+def iterate_batches(bundle: DataBundle, cfg, seed: int, start: int = 0) -> "BatchStream":
     """Endless stream of batches: each epoch is a fresh seeded shuffle; every batch is full.
 
     Non-packed batches are right-padded to the batch's longest example (causal attention
     never looks right, so no attention_mask is needed and none is given, which also
     keeps transformers' packed-sequence detection working). Packed and random batches
-    are padded to bundle.seq_len so every step has the same shape.
+    are padded to bundle.seq_len so every step has the same shape. `start`: the number
+    of batches to skip, so a resumed run sees exactly the batches it would have seen.
     """
     if not bundle.train:
         raise UserError("data: no training examples to iterate over")
     if cfg.batch_size < 1:
         # batch_size 0 (auto) is resolved by the trainer once the data's length is known.
         raise ValueError(f"iterate_batches needs a resolved batch_size >= 1; got {cfg.batch_size}")
-    packed = bundle.packed or cfg.packing
-    fixed = bundle.seq_len if (packed or cfg.data == "random") else None
-    for indices in _batch_indices(len(bundle.train), cfg.batch_size, seed):
-        yield collate([bundle.train[i] for i in indices], bundle.pad_token_id, fixed, packed)
+    return BatchStream(bundle, cfg, seed, start)
 
 
-def _batch_indices(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
-    rng = random.Random(seed)
-    batch: list[int] = []
-    while True:
-        order = list(range(n))
-        rng.shuffle(order)
-        for index in order:
-            batch.append(index)
-            if len(batch) == batch_size:
-                yield batch
-                batch = []
+class BatchStream:
+    """The batch iterator of `iterate_batches`, which can start at any batch and say where one is.
+
+    A batch may span two epochs (every batch is full): example k of the stream is
+    index k % n of epoch k // n's shuffled order. Each epoch's order comes from one
+    random.Random(seed) shuffling a fresh list per epoch, so starting at epoch e
+    replays e shuffles (cheap) and reproduces the uninterrupted stream exactly.
+    """
+
+    def __init__(self, bundle: DataBundle, cfg, seed: int, start: int = 0):
+        self.bundle, self.seed, self.batch_size = bundle, seed, cfg.batch_size
+        self.packed = bundle.packed or cfg.packing
+        self.fixed = bundle.seq_len if (self.packed or cfg.data == "random") else None
+        self._rng = random.Random(seed)
+        self.taken = start  # batches handed out so far, the skipped ones included
+        epoch, self._index = divmod(start * self.batch_size, len(bundle.train))
+        for _ in range(epoch + 1):
+            self._order = self._next_order()
+
+    def _next_order(self) -> list[int]:
+        order = list(range(len(self.bundle.train)))
+        self._rng.shuffle(order)
+        return order
+
+    def __iter__(self) -> "BatchStream":
+        return self
+
+    def __next__(self) -> dict:
+        indices = []
+        while len(indices) < self.batch_size:
+            if self._index == len(self._order):
+                self._order, self._index = self._next_order(), 0
+            indices.append(self._order[self._index])
+            self._index += 1
+        self.taken += 1
+        return collate([self.bundle.train[i] for i in indices], self.bundle.pad_token_id, self.fixed, self.packed)
+
+    def position(self, batches: int) -> dict[str, int]:
+        """Where the stream stands after `batches` batches: what a checkpoint records."""
+        epoch, index = divmod(batches * self.batch_size, len(self.bundle.train))
+        return {"seed": self.seed, "epoch": epoch, "index": index, "batches": batches}
 
 
 def collate(examples: list[TrainExample], pad_id: int, length: int | None, with_positions: bool) -> dict:
