@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 from dataclasses import fields
 from typing import Any, MutableMapping, Sequence
 
-from memtune.errors import UserError
+from memtune.errors import EXIT_OOM, UserError, is_out_of_memory
 
 # verb -> (module, one-line description)
 VERBS: dict[str, tuple[str, str]] = {
@@ -28,8 +29,19 @@ VERBS: dict[str, tuple[str, str]] = {
 }
 
 
+# What argparse must take as a value, not an option, after a flag: negative numbers in every form
+# float() reads. Python 3.11's pattern (^-\d+$|^-\d*\.\d+$) misses "-1e-4" and "-inf", so
+# `--learning-rate -1e-4` said "expected one argument" instead of the range check's
+# "learning_rate: expected a number > 0". Python 3.14 widened it the same way (gh-123945).
+NEGATIVE_NUMBER = re.compile(r"^-(\d[\d_]*(\.\d*)?|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """An argument error is one line and exit code 2, not a page of usage."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = NEGATIVE_NUMBER  # argparse's hook for this; no flag looks like a number
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(UserError.exit_code, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -145,14 +157,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except UserError as exc:
-        print(f"memtune {verb}: error: {exc}", file=sys.stderr)
+        print(f"memtune {verb}: error: {_one_line(str(exc))}", file=sys.stderr)
         return UserError.exit_code
+    except (MemoryError, RuntimeError) as exc:
+        # out of memory is a result to report (exit 3), on a CPU too; any other error is a bug: traceback
+        if not is_out_of_memory(exc):
+            raise
+        print(f"memtune {verb}: out of memory: {_one_line(str(exc)) or type(exc).__name__}", file=sys.stderr)
+        return EXIT_OOM
     except BrokenPipeError:  # the output went to a pager or `head` that closed early
         sys.stderr.close()
         return 0
     except KeyboardInterrupt:
         print(f"memtune {verb}: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(text: str) -> str:
+    """A message on one line: a library's multi-line text joined, so the error stays one line on stderr."""
+    return " ".join(line.strip() for line in text.strip().splitlines() if line.strip())
 
 
 if __name__ == "__main__":

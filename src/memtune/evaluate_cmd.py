@@ -15,6 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
+from memtune.adapters import Adapter, attach, open_adapter
 from memtune.cli import add_config_flags, config_from_args
 from memtune.config import RunConfig, write_text_atomic
 from memtune.errors import UserError
@@ -33,33 +34,32 @@ def run(args: argparse.Namespace) -> int:
     # Evaluation never trains: no activation checkpointing to slow generation.
     cfg = config_from_args(args, overrides={"gradient_checkpointing": False,
                                             "offload_activations": False, "eval": True})
-    adapter = _adapter_dir(args.adapter)
+    from memtune.bounds import check_lora_rank
+    from memtune.run_dir import check_file_target
+
+    adapter = open_adapter(args.adapter) if args.adapter else None
     if cfg.eval_examples == 0:
         raise UserError("eval_examples: expected an integer >= 1 for memtune eval; got 0")
+    out = _predictions_path(args.predictions, adapter.path if adapter else None)
+    # where the results go, before the model and data load: a directory there is one line, not a traceback
+    check_file_target(out, "predictions")
+    check_file_target(out.with_suffix(".score.json"), "predictions")
+    check_lora_rank(cfg)  # build_model adds (and eval drops) a fresh LoRA of this rank
     model, tokenizer, max_positions = _load_model(cfg, adapter)
     examples = _eval_examples(cfg, tokenizer, max_positions)
 
     from memtune.evaluate import evaluate_accuracy
 
     result = evaluate_accuracy(model, tokenizer, examples, cfg)
-    out = _predictions_path(args.predictions, adapter)
-    write_predictions(out, result, cfg, adapter)
-    label = f"{cfg.model}" + (f" + {adapter}" if adapter else "")
+    adapter_path = adapter.path if adapter else None
+    write_predictions(out, result, cfg, adapter_path)
+    label = f"{cfg.model}" + (f" + {adapter_path}" if adapter else "")
     print(f"accuracy: {result.accuracy:.3f} ({result.correct}/{result.total}) of {label} on {cfg.data}")
     print(f"wrote {out} and {out.with_suffix('.score.json').name}")
     return 0
 
 
-def _adapter_dir(text: str) -> Path | None:
-    if not text:
-        return None
-    path = Path(text).expanduser()
-    if not (path / "adapter_config.json").is_file():
-        raise UserError(f"adapter: no adapter_config.json in {path} (expected a peft adapter directory)")
-    return path
-
-
-def _load_model(cfg: RunConfig, adapter: Path | None):
+def _load_model(cfg: RunConfig, adapter: Adapter | None):
     from memtune.models import build_model
 
     built = build_model(cfg)
@@ -69,12 +69,7 @@ def _load_model(cfg: RunConfig, adapter: Path | None):
         # base is evaluated as it is, or with the adapter asked for.
         model = model.unload()
     if adapter is not None:
-        from peft import PeftModel
-
-        try:
-            model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
-        except (ValueError, KeyError, RuntimeError) as exc:
-            raise UserError(f"adapter: {adapter} does not fit model {cfg.model}: {str(exc).splitlines()[0]}") from None
+        model = attach(model, adapter, cfg.model)
     return model, built.tokenizer, getattr(built, "max_positions", None)
 
 

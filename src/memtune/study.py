@@ -807,6 +807,9 @@ def run(args: argparse.Namespace) -> int:
     for note in plan.notes:
         print(note)
     out_dir = Path(args.out or Path("study-out") / study.name)
+    from memtune.run_dir import check_dir_target
+
+    check_dir_target(out_dir, "out")  # a file there: one line now, not a traceback at the first run
     if args.dry_run:
         for index, item in enumerate(plan.runs, 1):
             also = f"  (also {', '.join(item.experiments[1:])})" if len(item.experiments) > 1 else ""

@@ -299,10 +299,11 @@ def run(cfg: RunConfig, out_dir: Path, log: Callable[[str], None] = print, progr
     _save_weights(model, cfg, out_dir)
     metrics["batch_size"] = session.cfg.batch_size
     metrics.update(status="ok", finished_at=provenance.now_iso(), wall_time_s=time.perf_counter() - wall_start)
-    write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     from memtune.run_report import write_run_report
 
     write_run_report(out_dir, session.cfg, metrics)
+    # last: a directory without metrics.json is not a result, so everything it describes comes first
+    write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
 
 

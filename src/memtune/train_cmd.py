@@ -10,15 +10,17 @@ import traceback
 from pathlib import Path
 
 from memtune.cli import add_config_flags, config_from_args
-from memtune.config import RunConfig, write_text_atomic
+from memtune.config import RunConfig, save_yaml, write_text_atomic
+from memtune.errors import EXIT_OOM, UserError, is_out_of_memory
 from memtune.estimate import gib
-
-EXIT_OOM = 3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_flags(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars (training and evaluation)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run in an --out that holds another run; that run's files are moved "
+                             "to DIR/.previous-<time>/ first (nothing is deleted)")
 
 
 def default_out_dir(cfg: RunConfig) -> Path:
@@ -27,25 +29,28 @@ def default_out_dir(cfg: RunConfig) -> Path:
     return Path("runs") / f"{stamp}-{model}-{cfg.quantization}-r{cfg.lora_rank}-L{cfg.seq_len}"
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
 def run(args: argparse.Namespace) -> int:
-    from memtune import train
+    from memtune import bounds, run_dir, train
 
     cfg = config_from_args(args)
     out_dir = Path(cfg.out) if cfg.out else default_out_dir(cfg)
+    overwrite, resume = bool(getattr(args, "overwrite", False)), bool(getattr(args, "resume", False))
+    # Everything a user can get wrong about where the run goes or how big it is, before anything loads.
+    run_dir.check(out_dir, overwrite=overwrite, resume=resume)
+    bounds.check_lora_rank(cfg)
     try:
+        run_dir.prepare(out_dir, overwrite=overwrite, resume=resume)
         metrics = train.run(cfg, out_dir, progress=not args.quiet)
+    except FloatingPointError as exc:  # the loss diverged: the run's settings, not a bug
+        raise UserError(str(exc).splitlines()[0]) from None
     except (RuntimeError, MemoryError) as exc:
         if not is_out_of_memory(exc):
             raise
         _record_failure(out_dir, cfg, "oom", exc)
-        print(f"memtune train: out of memory: {str(exc).splitlines()[0]}", file=sys.stderr)
+        print(f"memtune train: out of memory: {_first_line(exc)}", file=sys.stderr)
         return EXIT_OOM
+    finally:
+        run_dir.unlock(out_dir)
     print_summary(metrics)
     print(f"wrote {out_dir}/ (config.yaml, metrics.json, {'adapter' if cfg.lora else 'model'}/, report.md)")
     return 0
@@ -57,15 +62,23 @@ def _record_failure(out_dir: Path, cfg: RunConfig, status: str, exc: BaseExcepti
 
     from memtune import measure, provenance
 
-    metrics = {"status": status, "error": str(exc).splitlines()[0][:500], "config_hash": cfg.config_hash(),
+    if not (out_dir / "config.yaml").is_file():  # out of memory before the run wrote its config: the result
+        save_yaml(cfg, out_dir / "config.yaml")   # must still say what ran, and the config comes first
+    metrics = {"status": status, "error": _first_line(exc)[:500], "config_hash": cfg.config_hash(),
                "finished_at": provenance.now_iso(), "versions": provenance.package_versions(),
                "git_commit": provenance.git_commit()}
-    if torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
-        metrics.update(measure.device_info(device))
-        metrics.update(measure.peak_memory(device))
+    # the peak reached before the allocation failed, on the GPU or (a CPU run) the process's
+    on_gpu = cfg.device != "cpu" and torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    metrics.update(measure.device_info(device))
+    metrics.update(measure.peak_memory(device))
     metrics["traceback_tail"] = traceback.format_exc().splitlines()[-3:]
     write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def print_summary(metrics: dict) -> None:
