@@ -42,6 +42,7 @@ class ModelSource:
     config_dict: dict[str, Any]
     weights_dir: Path | None  # None = random weights
     tokenizer_dir: Path | None  # None = no tokenizer of its own
+    config_file: Path | None = None  # the config.json it was read from (None: a preset)
 
 
 @dataclass
@@ -105,8 +106,11 @@ def _local_source(name: str, path: Path, cfg: RunConfig) -> ModelSource:
     has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
     if not cfg.random_init and not has_weights:
         raise UserError(f"model: {path} has no weights (*.safetensors); add --random-init to measure its shape")
+    if not isinstance(config_dict, dict):
+        raise UserError(f"model: {config_file} does not hold a JSON object")
     has_tokenizer = (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
-    return ModelSource(name, config_dict, None if cfg.random_init else path, path if has_tokenizer else None)
+    return ModelSource(name, config_dict, None if cfg.random_init else path, path if has_tokenizer else None,
+                       config_file)
 
 
 def _cached_hub_source(name: str, cfg: RunConfig) -> ModelSource:
@@ -140,21 +144,63 @@ def _load_tokenizer(source: ModelSource, cfg: RunConfig, notes: list[str]):
 
 
 def _hf_config(source: ModelSource, cfg: RunConfig):
+    """The transformers config of `source`, its values checked by building the model on the meta device
+    (no memory, no weights), so that a value the constructor rejects is one line naming the file."""
     from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    label = _config_label(source)
     config_dict = dict(source.config_dict)
     model_type = config_dict.pop("model_type", None)
     if model_type is None:
-        raise UserError(f"model: the config of '{source.name}' has no model_type")
+        raise UserError(f"model: {label} has no model_type")
+    remote = model_type not in CONFIG_MAPPING and cfg.trust_remote_code and source.weights_dir is not None
+    if model_type not in CONFIG_MAPPING and not remote:
+        # one line, not transformers' list of every architecture it knows
+        raise UserError(f"model: {label}: model_type '{model_type}' is not an architecture this transformers "
+                        f"knows (memtune's families: {', '.join(_family_names())})")
     try:
-        return AutoConfig.for_model(model_type, **config_dict)
-    except (KeyError, ValueError) as exc:
-        raise UserError(f"model: architecture '{model_type}' of '{source.name}' is not known to transformers ({exc})") from None
+        if remote:  # the directory's own config class
+            config = AutoConfig.from_pretrained(str(source.weights_dir), trust_remote_code=True)
+        else:
+            config = AutoConfig.for_model(model_type, **config_dict)
+    except UserError:
+        raise
+    except _CONSTRUCTOR_ERRORS as exc:
+        raise UserError(f"model: {label} is not a valid {model_type} config ({_first_line(exc)})") from None
+    _check_config_values(config, label)
+    return config
 
 
-def _attention_impl(cfg: RunConfig) -> str:
-    # SDPA picks the flash or memory-efficient kernel: O(L) memory, no [L, L] scores.
-    return "sdpa" if cfg.attention == "auto" else cfg.attention
+def _family_names() -> list[str]:
+    from memtune.families import FAMILIES
+
+    return list(FAMILIES)
+
+
+def _validate_on_meta(config: Any, source: ModelSource, cfg: RunConfig) -> None:
+    """Build the model on the meta device: a value its constructor rejects is a UserError, before
+    any weights are read or drawn and before anything is written."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    except UserError:
+        raise
+    except _CONSTRUCTOR_ERRORS as exc:
+        architecture = (getattr(config, "architectures", None) or [getattr(config, "model_type", "?")])[0]
+        raise UserError(f"model: {_config_label(source)} is rejected by {architecture} ({_first_line(exc)})") from None
+
+
+def _attention_impl(cfg: RunConfig, config: Any, device: torch.device, notes: list[str]) -> str:
+    """The attention kernel for this family (memtune.families.attention_implementation), with its note."""
+    from memtune.families import attention_implementation
+
+    impl, note = attention_implementation(config, cfg.attention, device.type, compile_unavailable_reason(device))
+    if note:
+        notes.append(note)
+    return impl
 
 
 def _build_full_precision(source: ModelSource, cfg: RunConfig, dtype: torch.dtype,
@@ -170,13 +216,15 @@ def _build_full_precision(source: ModelSource, cfg: RunConfig, dtype: torch.dtyp
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(cfg.seed)
+    config = _hf_config(source, cfg)
+    attention = _attention_impl(cfg, config, device, notes)
+    config._attn_implementation = attention
+    _validate_on_meta(config, source, cfg)
     if source.weights_dir is not None:
         return AutoModelForCausalLM.from_pretrained(
-            str(source.weights_dir), dtype=dtype, attn_implementation=_attention_impl(cfg),
+            str(source.weights_dir), dtype=dtype, attn_implementation=attention,
             trust_remote_code=cfg.trust_remote_code, low_cpu_mem_usage=True,
         )
-    config = _hf_config(source, cfg)
-    config._attn_implementation = _attention_impl(cfg)
     if device.type == "cuda":
         device = _random_init_device(config, cfg, dtype, device, notes)
     with device:

@@ -32,6 +32,11 @@ gradients by grad_output.
 
 Tokens whose label is `ignore_index` are dropped before the first matmul
 (prompt tokens of an SFT example cost nothing); their hidden gradient is zero.
+
+Final-logit softcapping (Gemma 2: `final_logit_softcapping` 30): the loss is
+taken over s * tanh(logits / s), and the gradient passes through the cap,
+d/dlogits = (softmax - onehot) * (1 - tanh^2). The unfused path then holds one
+more fp32 [C, V] tensor (the tanh) a chunk; the fused one computes it in the kernel.
 """
 
 from __future__ import annotations
@@ -68,27 +73,32 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return hidden.dtype
 
 
-def chunk_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor,
-                        inv_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def chunk_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, inv_n: torch.Tensor,
+                        softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk's summed loss and d(mean loss)/d logits, in the logits' dtype, as one function.
 
     Compiled (`fused=True` below), it becomes a reduction kernel and one pointwise
     kernel that read the [C, V] logits twice and write the gradient once; the
     fp32 [C, V] copy of the plain path never exists. `inv_n` is a 0-dim tensor
-    so that a new token count does not recompile.
+    so that a new token count does not recompile. `softcap` s: the loss of s * tanh(logits / s).
     """
     z = logits.float()
+    if softcap is not None:
+        t = torch.tanh(z / softcap)
+        z = softcap * t
     lse = torch.logsumexp(z, dim=1)
     target = z.gather(1, labels[:, None]).squeeze(1)
     onehot = torch.arange(z.shape[1], device=z.device)[None, :] == labels[:, None]
     grad = (torch.exp(z - lse[:, None]) - onehot.to(z.dtype)) * inv_n
+    if softcap is not None:
+        grad = grad * (1 - t * t)
     return (lse - target).sum(), grad.to(logits.dtype)
 
 
-def chunk_loss_and_grad_full(logits: torch.Tensor, labels: torch.Tensor,
-                             inv_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def chunk_loss_and_grad_full(logits: torch.Tensor, labels: torch.Tensor, inv_n: torch.Tensor,
+                             softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """chunk_loss_and_grad under its own code object: compiled for the full chunk's exact shape."""
-    return chunk_loss_and_grad(logits, labels, inv_n)
+    return chunk_loss_and_grad(logits, labels, inv_n, softcap)
 
 
 @functools.cache
@@ -100,19 +110,23 @@ def _fused_chunk_fn(static_full_chunks: bool = False, chunk: int = 0) -> Callabl
         return general
     full = torch.compile(chunk_loss_and_grad_full, dynamic=False)
 
-    def dispatch(logits: torch.Tensor, labels: torch.Tensor, inv_n: torch.Tensor):
-        return (full if logits.shape[0] == chunk else general)(logits, labels, inv_n)
+    def dispatch(logits: torch.Tensor, labels: torch.Tensor, inv_n: torch.Tensor, softcap: float | None = None):
+        return (full if logits.shape[0] == chunk else general)(logits, labels, inv_n, softcap)
 
     return dispatch
 
 
-def _chunk_fn(fused: bool | str, static_full_chunks: bool, chunk: int) -> Callable | None:
+def _chunk_fn(fused: bool | str, static_full_chunks: bool, chunk: int,
+              softcap: float | None = None) -> Callable | None:
     """What computes each chunk's loss and gradient: None (the plain fp32 path), the math uncompiled
-    ("eager"), the hand-written Triton kernel ("triton") or the compiled function (True)."""
+    ("eager"), the hand-written Triton kernel ("triton") or the compiled function (True). The Triton
+    kernel has no softcap: a softcapped loss asked of it runs the compiled function."""
     if not fused:
         return None
     if fused == "eager":
         return chunk_loss_and_grad
+    if fused == "triton" and softcap is not None:
+        fused = True
     if fused == "triton":
         from memtune.kernels.cross_entropy_triton import chunk_loss_and_grad_triton
         return chunk_loss_and_grad_triton
@@ -141,7 +155,8 @@ def _label_layout(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_tokens, ignore_index, compute_dtype, fused, layout):
+    def forward(ctx, hidden, weight, bias, labels, chunk_tokens, ignore_index, compute_dtype, fused, layout,
+                softcap):
         vocab = weight.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
@@ -178,7 +193,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 # logits in the compute dtype: C x V x 2 B (bf16)
                 logits = torch.addmm(b, h, w.t()) if b is not None else h @ w.t()
                 if fused is not None:
-                    chunk_sum, g = fused(logits, y, inv_n_t)
+                    chunk_sum, g = (fused(logits, y, inv_n_t) if softcap is None
+                                    else fused(logits, y, inv_n_t, softcap))
                     loss_sum += chunk_sum
                     del logits
                     if need_b:
@@ -190,6 +206,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 # fp32 from here on, in place: C x V x 4 B (for fp32 inputs .float() is the same tensor)
                 z = logits.float()
                 del logits
+                cap_grad = None
+                if softcap is not None:  # z = s * tanh(z / s); 1 - tanh^2 kept for the gradient
+                    t = z.div(softcap).tanh_()
+                    z = t.mul(softcap)
+                    cap_grad = t.mul_(t).neg_().add_(1)
+                    del t
                 target = z[rows, y]                       # [C]
                 z_max = z.amax(dim=1, keepdim=True)       # [C, 1]
                 z.sub_(z_max).exp_()                      # exp(z - max)
@@ -201,6 +223,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     # d(mean loss)/d logits = (softmax - onehot) / n_valid, built in place in z
                     z.mul_(sum_exp.reciprocal_().mul_(inv_n))
                     z[rows, y] -= inv_n
+                    if cap_grad is not None:
+                        z.mul_(cap_grad)
+                        del cap_grad
                     g = z if compute_dtype == torch.float32 else z.to(compute_dtype)  # C x V x 2 B
                     if need_b:
                         grad_bias += z.sum(dim=0)
@@ -227,7 +252,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             gw = (grad_weight * grad_output).to(ctx.weight_dtype)
         if grad_bias is not None:
             gb = (grad_bias * grad_output).to(ctx.bias_dtype)
-        return gh, gw, gb, None, None, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None, None, None
 
 
 def _accumulate_grads(g, h, w, grad_hidden, grad_weight, valid_idx, first, start, contiguous, need_h, need_w):
@@ -254,6 +279,7 @@ def chunked_linear_cross_entropy(
     fused: bool | str = False,
     host_labels: torch.Tensor | None = None,
     static_full_chunks: bool = False,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T + bias` against `labels`, without the full logits.
 
@@ -273,7 +299,11 @@ def chunked_linear_cross_entropy(
     is then read there, and the GPU is not made to wait for that mid-step
     (the host keeps running ahead into backward). `static_full_chunks` (with
     fused=True): full chunks run a kernel compiled for their exact shape.
+    `softcap` s (the model's final_logit_softcapping, memtune.families.final_logit_softcap): the
+    loss of s * tanh(logits / s), as Gemma 2 computes its logits; None: the logits as they are.
     """
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be a positive number or None; got {softcap!r}")
     if hidden.shape[-1] != weight.shape[-1]:
         raise ValueError(f"hidden size {hidden.shape[-1]} does not match weight {tuple(weight.shape)}")
     hidden = hidden.reshape(-1, hidden.shape[-1])
@@ -291,6 +321,6 @@ def chunked_linear_cross_entropy(
     chunk = effective_chunk_tokens(chunk_tokens, weight.shape[0], max_chunk_bytes)
     compute_dtype = _compute_dtype(hidden, weight)
     with torch.autocast(device_type=hidden.device.type, enabled=False):
-        fn = _chunk_fn(fused, static_full_chunks, chunk)
+        fn = _chunk_fn(fused, static_full_chunks, chunk, softcap)
         return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk, ignore_index, compute_dtype, fn,
-                                                layout)
+                                                layout, None if softcap is None else float(softcap))

@@ -31,10 +31,15 @@ from memtune.kernels.fused import pick_compiled
 __all__ = ["enable_fused_rope", "disable_fused_rope", "rope_reference"]
 
 _ATTR = "_memtune_fused_rope"
-# Attention classes whose forward is: q/k/v projections viewed as [B, heads, L, head_dim],
-# apply_rotary_pos_emb(q, k, cos, sin), the configured attention function with
-# dropout/scaling (and Qwen2's sliding_window), reshape, o_proj.
-_KNOWN = frozenset({"Qwen2Attention", "LlamaAttention"})
+# Attention classes whose forward is: q/k/v projections viewed as [B, L, heads, head_dim]
+# (Qwen3: then its q_norm / k_norm over each head), transposed, apply_rotary_pos_emb(q, k, cos,
+# sin), the configured attention function with dropout/scaling and the class's sliding_window,
+# reshape, o_proj. The value says where that window comes from: the module's own attribute
+# (Qwen2/Qwen3: None on full-attention layers), the config (Mistral), or nowhere (Llama).
+# Gemma and Phi-3 attention differ in more than that (memtune.families says how) and keep theirs.
+_KNOWN = {"LlamaAttention": None, "Qwen2Attention": "module", "Qwen3Attention": "module",
+          "MistralAttention": "config"}
+_QK_NORM = frozenset({"Qwen3Attention"})
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
 
 
@@ -70,7 +75,8 @@ def _attention_function(module: nn.Module, eager: Callable | None) -> Callable |
 def _make_forward(module: nn.Module, original: Callable, compile_fn: bool, static_training: bool) -> Callable:
     # dynamic shapes: one kernel for every sequence length; static in training if asked (fused.py)
     rope_any, rope_training_mode = pick_compiled(rope_reference, rope_training, compile_fn, static_training)
-    has_window = hasattr(module, "sliding_window")  # Qwen2 passes it on; Llama has none
+    window_from = _KNOWN[type(module).__name__]
+    qk_norm = type(module).__name__ in _QK_NORM
     eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
 
     def forward(hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, *args: Any,
@@ -83,13 +89,18 @@ def _make_forward(module: nn.Module, original: Callable, compile_fn: bool, stati
             kwargs.pop(name, None)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, module.head_dim)
-        q = module.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        k = module.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        q = module.q_proj(hidden_states).view(hidden_shape)
+        k = module.k_proj(hidden_states).view(hidden_shape)
+        if qk_norm:  # Qwen3: each head of q and k normalized before RoPE
+            q, k = module.q_norm(q), module.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = module.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = (rope_training_mode if module.training else rope_any)(q, k, cos, sin)
-        if has_window:
+        if window_from == "module":
             kwargs["sliding_window"] = module.sliding_window
+        elif window_from == "config":
+            kwargs["sliding_window"] = getattr(module.config, "sliding_window", None)
         out, weights = attention(module, q, k, v, attention_mask,
                                  dropout=module.attention_dropout if module.training else 0.0,
                                  scaling=module.scaling, **kwargs)
@@ -100,8 +111,10 @@ def _make_forward(module: nn.Module, original: Callable, compile_fn: bool, stati
 
 
 def _is_known_attention(module: nn.Module) -> bool:
+    qk_norm = ("q_norm", "k_norm") if type(module).__name__ in _QK_NORM else ()
     return (type(module).__name__ in _KNOWN
-            and all(isinstance(getattr(module, n, None), nn.Module) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+            and all(isinstance(getattr(module, n, None), nn.Module)
+                    for n in ("q_proj", "k_proj", "v_proj", "o_proj", *qk_norm))
             and all(hasattr(module, n) for n in ("head_dim", "scaling", "attention_dropout", "config")))
 
 

@@ -33,6 +33,10 @@ def host_embeddings_skip_reason(model: nn.Module, require_cuda: bool = True) -> 
     """Why the input embeddings of `model` cannot live in host memory, or None when they can."""
     root = base_model(model)
     embed = root.get_input_embeddings()
+    if getattr(embed, "embed_scale", None) is not None:
+        # Gemma's ScaledWordEmbedding multiplies each row by sqrt(hidden_size) in its forward; the
+        # host lookup gathers plain rows (memtune.families: scaled_embeddings)
+        return f"the input embeddings ({type(embed).__name__}) scale their rows by sqrt(hidden_size)"
     if type(embed) is not nn.Embedding:
         return f"input embeddings are {type(embed).__name__}, not a plain nn.Embedding"
     if embed.weight.requires_grad:
