@@ -84,7 +84,8 @@ def test_lora_parameter_count_equals_peft(targets, rank):
 
 def _saved_bytes(config: dict, cfg: RunConfig, seq: int) -> int:
     """Bytes of the distinct new storages the forward saves for backward (weights excluded)."""
-    from memtune.models import add_lora, enable_checkpointing, quantize_decoder_linears
+    from memtune.models import add_lora, quantize_decoder_linears
+    from memtune.techniques import BY_NAME, Target
     from memtune.train import forward_loss
 
     model = _tiny_model(config, "eager" if cfg.attention == "eager" else "sdpa")
@@ -92,7 +93,10 @@ def _saved_bytes(config: dict, cfg: RunConfig, seq: int) -> int:
         quantize_decoder_linears(model, cfg, torch.bfloat16)
         model.to("cpu")
     model = add_lora(model, cfg) if cfg.lora else model.requires_grad_(True)
-    enable_checkpointing(model, cfg, [])
+    target = Target(model, cfg, torch.device("cpu"), torch.bfloat16)
+    for name in ("lora_matmul", "offload_activations", "gradient_checkpointing", "tiled_mlp_chunk"):
+        if BY_NAME[name].wanted(cfg):
+            BY_NAME[name].enable(target)
     model.train()
     seen, total = set(), 0
     held = []

@@ -1134,8 +1134,9 @@ def test_fused_rope_leaves_generation_with_a_cache_to_transformers():
 
 
 def test_a_refused_dequantize_graph_capture_leaves_the_ordinary_path_with_a_note(monkeypatch):
-    from memtune import models
+    from memtune.config import RunConfig
     from memtune.kernels import dequantize_graph, enable_frozen_4bit_linears
+    from memtune.techniques import BY_NAME, Target
 
     model = _with_4bit_mlps(_tiny_lora_model(torch.float32, targets=("q_proj", "v_proj")), weight_dtype=torch.float32)
     enable_frozen_4bit_linears(model)
@@ -1148,13 +1149,12 @@ def test_a_refused_dequantize_graph_capture_leaves_the_ordinary_path_with_a_note
         return None
 
     monkeypatch.setattr(dequantize_graph, "_capture", capture_then_fail)
-    notes: list[str] = []
-    models._capture_dequantize_graphs(model, notes)
+    target = Target(model, RunConfig(), torch.device("cpu"), torch.float32)
+    notes = [BY_NAME["dequantize_graph"].enable(target)]
     assert notes == ["dequantize_graph: skipped, the capture failed (operation not permitted when stream is capturing)"]
     assert not any(dequantize_graph.has_dequantize_graph(layer) for layer in model.get_base_model().model.layers)
     monkeypatch.setattr(dequantize_graph, "_capture", lambda fn, device: None)
-    notes.clear()
-    models._capture_dequantize_graphs(model, notes)
+    notes = [BY_NAME["dequantize_graph"].enable(target)]
     assert notes == ["dequantize_graph: 2 decoder layers dequantize their frozen 4-bit weights by one CUDA graph replay"]
 
 

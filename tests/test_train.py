@@ -283,12 +283,12 @@ def test_each_micro_batch_is_prepared_during_the_previous_backward(learnable_dat
 
 def test_the_loss_chunk_kernel_follows_fuse_loss_and_loss_kernel(monkeypatch):
     # triton (the default) or the compiled chunk where kernels can be compiled; unfused elsewhere
-    from memtune import train
+    from memtune import loss
     from memtune.config import RunConfig
 
     cuda = torch.device("cuda")
-    monkeypatch.setattr(train, "compile_unavailable_reason", lambda device: None if device.type == "cuda" else "cpu")
-    assert train._loss_chunk_kernel(RunConfig(), cuda) == "triton"
-    assert train._loss_chunk_kernel(RunConfig(loss_kernel="compiled"), cuda) is True
-    assert train._loss_chunk_kernel(RunConfig(fuse_loss=False), cuda) is False
-    assert train._loss_chunk_kernel(RunConfig(), torch.device("cpu")) is False
+    monkeypatch.setattr(loss, "compile_unavailable_reason", lambda device: None if device.type == "cuda" else "cpu")
+    assert loss.loss_chunk_kernel(RunConfig(), cuda) == "triton"
+    assert loss.loss_chunk_kernel(RunConfig(loss_kernel="compiled"), cuda) is True
+    assert loss.loss_chunk_kernel(RunConfig(fuse_loss=False), cuda) is False
+    assert loss.loss_chunk_kernel(RunConfig(), torch.device("cpu")) is False

@@ -5,8 +5,11 @@ bad flag, YAML key, path or data line never shows a traceback.
 """
 
 
-class UserError(Exception):
-    """A mistake in what the user gave us (a config value, a file, a line)."""
+class UserError(ValueError):
+    """A mistake in what the user gave us (a config value, a file, a line).
+
+    A ValueError, so that a caller of the Python API (memtune.load_model, memtune.apply, ...)
+    catches one standard exception naming the option and what is allowed."""
 
     exit_code = 2
 

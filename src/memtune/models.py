@@ -17,7 +17,6 @@ The path, in order:
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from torch import nn
 
 from memtune.config import RunConfig, parse_memory_size
 from memtune.errors import UserError
+from memtune.loss import compile_unavailable_reason  # noqa: F401 - re-exported
 from memtune.presets import PRESETS, TINY_DIR, is_preset, preset_config_dict
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -53,6 +53,7 @@ class BuiltModel:
     compute_dtype: torch.dtype
     max_positions: int
     notes: list[str] = field(default_factory=list)
+    techniques: Any = None  # memtune.techniques.ApplyReport: what was applied, what skipped and why
 
 
 def resolve_device(cfg: RunConfig) -> torch.device:
@@ -141,6 +142,39 @@ def _load_tokenizer(source: ModelSource, cfg: RunConfig, notes: list[str]):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+# What a model constructor or a config class raises for values it rejects (nn.Embedding asserts
+# on a padding_idx outside the table; config classes raise ValueError/TypeError).
+_CONSTRUCTOR_ERRORS = (AssertionError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+                       ZeroDivisionError, RuntimeError)
+
+
+def _config_label(source: ModelSource) -> str:
+    return str(source.config_file) if source.config_file is not None else f"the config of '{source.name}'"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+def _check_config_values(config: Any, label: str) -> None:
+    """The values a constructor rejects without naming them, checked first so the error can name the field."""
+    def value(name: str) -> Any:
+        return getattr(config, name, None)
+
+    for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
+        v = value(name)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+            raise UserError(f"model: {label}: {name} is {v!r}; expected a positive integer")
+    vocab, pad = value("vocab_size"), value("pad_token_id")
+    if isinstance(vocab, int) and isinstance(pad, int) and not isinstance(pad, bool) and not 0 <= pad < vocab:
+        raise UserError(f"model: {label}: pad_token_id {pad} is outside the vocabulary (vocab_size {vocab}); "
+                        f"expected 0..{vocab - 1} or null")
+    heads, kv = value("num_attention_heads"), value("num_key_value_heads")
+    if isinstance(heads, int) and isinstance(kv, int) and (kv <= 0 or heads % kv):
+        raise UserError(f"model: {label}: num_key_value_heads {kv} does not divide num_attention_heads {heads}")
 
 
 def _hf_config(source: ModelSource, cfg: RunConfig):
@@ -337,118 +371,14 @@ def add_lora(model: nn.Module, cfg: RunConfig) -> nn.Module:
         model = get_peft_model(model, lora_config, autocast_adapter_dtype=True)
     except ValueError as exc:
         raise UserError(f"lora_targets: {exc}".splitlines()[0]) from None
-    if cfg.lora_matmul == "compute":
-        from memtune.kernels import enable_compute_dtype_lora
-
-        enable_compute_dtype_lora(model)
     return model
 
 
-def _enable_transformers_checkpointing(model: nn.Module) -> None:
-    # Non-reentrant checkpointing needs no input that requires grad, so the
-    # frozen embeddings need no hook (peft's enable_input_require_grads).
-    # transformers renamed the method in 5.2x; older 5.x has only the old name.
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def enable_checkpointing(model: nn.Module, cfg: RunConfig, notes: list[str]) -> None:
-    from memtune.kernels._common import base_model
-
-    base = base_model(model)
-    if cfg.offloads_checkpoints:
-        from memtune.kernels import enable_offloaded_checkpointing, saved_attention_skip_reason
-
-        reason = saved_attention_skip_reason(model) if cfg.saves_attention else None
-        enable_offloaded_checkpointing(model, save_attention=cfg.saves_attention and reason is None)
-        notes.append("gradient checkpointing: memtune's, layer inputs offloaded to host memory")
-        if cfg.saves_attention:
-            notes.append("save_attention: " + ("attention outputs kept in host memory, not recomputed"
-                                               if reason is None else f"off, {reason}"))
-    elif cfg.gradient_checkpointing:
-        _enable_transformers_checkpointing(base)
-    if cfg.tiled_mlp_chunk:
-        from memtune.kernels import enable_tiled_mlp
-
-        enable_tiled_mlp(model, cfg.tiled_mlp_chunk)
-    base.config.use_cache = False
-
-
-def _norm_outputs_in(model: nn.Module, dtype: torch.dtype) -> None:
-    """With an fp32 residual stream (residual_dtype fp32), hand each RMSNorm's output to the matmuls
-    in the compute dtype: otherwise a bitsandbytes linear returns its input's dtype and every
-    [tokens, intermediate] MLP activation would be fp32 too (measured: 1.6x the saved bytes a layer)."""
-    from memtune.kernels._common import base_model, swap_forward
-    from memtune.kernels.fused import is_rms_norm
-
-    def make_forward(norm: nn.Module, original):
-        def forward(hidden: torch.Tensor) -> torch.Tensor:
-            return original(hidden).to(dtype)
-        return forward
-
-    for module in base_model(model).modules():
-        if is_rms_norm(module):
-            swap_forward(module, "_memtune_norm_dtype", make_forward)
-
-
-def _move_embeddings_to_host(model: nn.Module, notes: list[str]) -> None:
-    from memtune.kernels import enable_host_embeddings
-
-    reason = enable_host_embeddings(model)
-    if reason is None:
-        notes.append("embeddings_on_host: the input-embedding table is in host memory")
-    else:
-        notes.append(f"embeddings_on_host: kept on the device, {reason}")
-
-
-@functools.cache  # asked at every training step by the loss: a Triton import and a capability query
-def compile_unavailable_reason(device: torch.device) -> str | None:
-    """Why torch.compile's GPU kernels cannot be used on `device`, or None when they can."""
-    if device.type != "cuda":
-        return "torch.compile's kernels are used on CUDA GPUs only"
-    try:
-        import triton  # noqa: F401 - torch.compile's GPU code generator
-    except ImportError:
-        return "Triton is not installed"
-    if torch.cuda.get_device_capability(device) < (7, 0):
-        return "Triton needs a GPU of compute capability 7.0 or newer"
-    return None
-
-
-def _compile_kernels(field: str, model: nn.Module, device: torch.device, notes: list[str], cfg: RunConfig) -> None:
-    """Install the compiled kernels of `field` (fuse_elementwise or fuse_rope), with a note either way."""
-    reason = compile_unavailable_reason(device)
-    if reason is not None:
-        notes.append(f"{field}: skipped, {reason}")
-        return
-    from memtune.kernels import enable_fused_elementwise, enable_fused_rope
-
-    enable, what = {"fuse_elementwise": (enable_fused_elementwise, "RMSNorm/MLP modules"),
-                    "fuse_rope": (enable_fused_rope, "Qwen2/Llama attention modules (RoPE)")}[field]
-    count = enable(model, static_training=cfg.compile_static_shapes)
-    shapes = ", training kernels for the step's exact shapes" if cfg.compile_static_shapes else ""
-    notes.append(f"{field}: {count} {what} compiled (the first steps compile{shapes})" if count
-                 else f"{field}: skipped, no {what}")
-
-
-def _capture_dequantize_graphs(model: nn.Module, notes: list[str]) -> None:
-    """One CUDA graph per decoder layer for its frozen 4-bit dequantizes, with a note either way."""
-    from memtune.kernels import disable_dequantize_graphs, enable_dequantize_graphs
-
-    try:
-        count = enable_dequantize_graphs(model)
-    except (RuntimeError, ValueError) as exc:  # a capture the driver or a kernel refuses: the ordinary way
-        disable_dequantize_graphs(model)
-        notes.append(f"dequantize_graph: skipped, the capture failed ({str(exc).splitlines()[0][:120]})")
-        return
-    notes.append(f"dequantize_graph: {count} decoder layers dequantize their frozen 4-bit weights by one "
-                 "CUDA graph replay" if count else "dequantize_graph: skipped, no frozen 4-bit linears on the short path")
-
-
 def build_model(cfg: RunConfig) -> BuiltModel:
+    """The model `memtune train` trains: loaded, quantized, LoRA added, then every memory technique
+    of the registry (memtune.techniques) that the configuration asks for and the model supports."""
+    from memtune.techniques import Target, apply_techniques
+
     notes: list[str] = []
     device = resolve_device(cfg)
     dtype = resolve_compute_dtype(cfg, device)
@@ -460,35 +390,15 @@ def build_model(cfg: RunConfig) -> BuiltModel:
     if cfg.quantization != "none":
         quantize_decoder_linears(model, cfg, dtype)
     model = _move_to_device(model, device)
-    if cfg.quantization == "int8":
-        from memtune.kernels import enable_frozen_int8_backward
-
-        enable_frozen_int8_backward(model)
-    if cfg.dequantize_once and cfg.quantization in ("nf4", "fp4"):
-        from memtune.kernels import enable_frozen_4bit_linears
-
-        notes.append(f"dequantize_once: {enable_frozen_4bit_linears(model)} frozen 4-bit linears on memtune's short path")
     if cfg.lora:
         model = add_lora(model, cfg)
     else:
         for param in model.parameters():
             param.requires_grad_(True)
-    if cfg.fuse_elementwise and device.type == "cuda":  # torch.compile needs a C++ toolchain on a CPU
-        _compile_kernels("fuse_elementwise", model, device, notes, cfg)  # before tiling, which wraps the MLP's forward
-    if cfg.fuse_rope and device.type == "cuda":
-        _compile_kernels("fuse_rope", model, device, notes, cfg)
-    loss_reason = compile_unavailable_reason(device) if cfg.fuse_loss and cfg.loss == "chunked" else None
-    if device.type == "cuda" and loss_reason:
-        notes.append(f"fuse_loss: skipped, {loss_reason}; the loss chunks run unfused")
-    if cfg.residual_dtype == "fp32" and dtype != torch.float32:
-        _norm_outputs_in(model, dtype)
-    enable_checkpointing(model, cfg, notes)
-    if cfg.embeddings_on_host and device.type == "cuda":  # a CPU run has no other memory to move it to
-        _move_embeddings_to_host(model, notes)
-    if cfg.dequantizes_by_graph and device.type == "cuda":
-        _capture_dequantize_graphs(model, notes)
+    report = apply_techniques(Target(model, cfg, device, dtype))
+    notes += report.notes
     max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
-    return BuiltModel(model, tokenizer, device, dtype, max_positions, notes)
+    return BuiltModel(model, tokenizer, device, dtype, max_positions, notes, report)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -20,13 +20,17 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from memtune import measure, provenance
+from memtune import checkpoint, measure, provenance
 from memtune.batch_feed import BatchFeed
+from memtune.checkpoint import TrainState
 from memtune.config import RunConfig, parse_memory_size, save_yaml, write_text_atomic
 from memtune.errors import UserError
 from memtune.estimate import estimate_memory, gib
 from memtune.kernels._common import base_model
+from memtune.loss import forward_loss
 from memtune.models import BuiltModel, build_model, compile_unavailable_reason, count_parameters, trainable_line
+from memtune.stop import StopRequest, Stopped, stop_on_signals
+from memtune.train_log import TrainLog, peak_so_far_bytes, plot_losses, require_sink
 
 
 @dataclass
@@ -40,6 +44,9 @@ class Session:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None
     feed: BatchFeed | None = None  # the micro-batches of the running loop, each prepared ahead
+    grad_norm: float = math.nan  # of the last step, before clipping
+    lr: float = math.nan  # the learning rate the last step used
+    step_tokens: int = 0  # token positions the last step trained on (padding included)
 
     @property
     def trained_params(self) -> list[torch.Tensor]:
@@ -90,72 +97,25 @@ def setup(cfg: RunConfig, log: Callable[[str], None]) -> Session:
     if not cfg.batch_size:
         cfg = cfg.replace(batch_size=cfg.resolved_batch_size(bundle.seq_len))
         log(f"batch_size: auto -> {cfg.batch_size} sequences of {bundle.seq_len} tokens a step")
+    cfg = resolve_schedule(cfg, len(bundle.train), log)
     optimizer = make_optimizer(cfg, built.model, built.device)
     scaler = torch.amp.GradScaler("cuda") if built.compute_dtype == torch.float16 and built.device.type == "cuda" else None
     return Session(cfg, built, bundle, optimizer, make_scheduler(cfg, optimizer), scaler)
 
 
+def resolve_schedule(cfg: RunConfig, examples: int, log: Callable[[str], None]) -> RunConfig:
+    """epochs -> steps; checkpoint_every 0 (auto) -> every 10% of the run, at most 500 steps apart."""
+    if cfg.epochs:
+        per_step = cfg.batch_size * cfg.grad_accum
+        steps = max(1, math.ceil(cfg.epochs * examples / per_step))
+        log(f"epochs: {cfg.epochs:g} x {examples} examples at {per_step} a step -> {steps} steps")
+        cfg = cfg.replace(steps=steps)
+    if not cfg.checkpoint_every:
+        cfg = cfg.replace(checkpoint_every=min(500, max(1, math.ceil(cfg.steps / 10))))
+    return cfg
+
+
 # --- the step ------------------------------------------------------------------
-
-def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: RunConfig,
-                 host_batch: dict[str, torch.Tensor] | None = None,
-                 host_embeds: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean next-token loss over the unmasked labels.
-
-    `chunked` runs the decoder, then the lm_head and cross-entropy a chunk of
-    tokens at a time, so the [tokens, vocab] logits (10 GB in fp32 for 16k
-    tokens and a 152k vocabulary) never exist. `host_batch`: the same batch
-    still on the host: its token ids feed an embedding table kept there, its
-    labels tell the loss which tokens count, both without waiting for the GPU.
-    `host_embeds`: that lookup, done already (memtune.batch_feed).
-    """
-    from memtune.kernels import lookup_on_host
-
-    host_batch = host_batch or {}
-    host_ids = host_batch.get("input_ids")
-    embeds = host_embeds
-    if embeds is None and host_ids is not None:
-        embeds = lookup_on_host(model, host_ids, batch["input_ids"].device)
-    if cfg.residual_dtype == "fp32":
-        if embeds is None:
-            embeds = model.get_input_embeddings()(batch["input_ids"])
-        if embeds.dtype != torch.float32:
-            # fp32 hidden states from here on; every matmul and attention runs in the compute dtype
-            with torch.autocast(device_type=embeds.device.type, dtype=embeds.dtype):
-                return _forward_loss(model, {"inputs_embeds": embeds.float()}, batch, cfg, host_batch)
-    inputs = {"input_ids": batch["input_ids"]} if embeds is None else {"inputs_embeds": embeds}
-    return _forward_loss(model, inputs, batch, cfg, host_batch)
-
-
-def _loss_chunk_kernel(cfg: RunConfig, device: torch.device) -> bool | str:
-    """chunked_linear_cross_entropy's `fused`: the kernel each loss chunk runs (False = unfused)."""
-    if not cfg.fuse_loss or compile_unavailable_reason(device) is not None:
-        return False
-    return "triton" if cfg.loss_kernel == "triton" else True
-
-
-def _forward_loss(model: nn.Module, inputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
-                  cfg: RunConfig, host_batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    if "position_ids" in batch:
-        inputs["position_ids"] = batch["position_ids"]
-    lm = base_model(model)
-    head = lm.get_output_embeddings()
-    if cfg.loss == "full" or not isinstance(head, nn.Linear) or type(head) is not nn.Linear:
-        # A LoRA-wrapped or quantized lm_head has no plain weight to chunk over.
-        return model(**inputs, labels=batch["labels"], use_cache=False).loss
-    from memtune.kernels import chunked_linear_cross_entropy
-
-    hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
-    # Position t predicts token t+1.
-    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    labels = batch["labels"][:, 1:].reshape(-1)
-    host_labels = host_batch.get("labels")
-    return chunked_linear_cross_entropy(hidden, head.weight, labels, bias=head.bias,
-                                        chunk_tokens=cfg.loss_chunk_tokens,
-                                        fused=_loss_chunk_kernel(cfg, hidden.device),
-                                        host_labels=None if host_labels is None else host_labels[:, 1:],
-                                        static_full_chunks=cfg.compile_static_shapes)
-
 
 def train_step(session: Session, batches) -> float:
     """One optimizer step over grad_accum micro-batches; returns the mean loss."""
@@ -163,8 +123,10 @@ def train_step(session: Session, batches) -> float:
     total = torch.zeros((), device=session.built.device)
     if session.feed is None or session.feed.batches is not batches:
         session.feed = BatchFeed(batches, model, session.built.device)
+    session.step_tokens = 0
     for _ in range(cfg.grad_accum):
         ready = session.feed.take()
+        session.step_tokens += ready.host["input_ids"].numel()
         loss = forward_loss(model, ready.device, cfg, host_batch=ready.host, host_embeds=ready.embeds) / cfg.grad_accum
         # let go of the batch before backward: held, its embeddings ([tokens, hidden], 0.4 GB at
         # 131072 tokens of the 1.5B shape) would add to the backward's peak (measured on the H200)
@@ -177,13 +139,17 @@ def train_step(session: Session, batches) -> float:
     if session.scaler:
         session.scaler.unscale_(session.optimizer)
     if cfg.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(session.trained_params, cfg.max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(session.trained_params, cfg.max_grad_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in session.trained_params if p.grad is not None])
     if session.scaler:
         session.scaler.step(session.optimizer)
         session.scaler.update()
     else:
         session.optimizer.step()
+    session.lr = session.optimizer.param_groups[0]["lr"]
     session.scheduler.step()
+    session.grad_norm = float(norm)
     return float(total)  # a CPU-GPU sync point, once per step
 
 
@@ -204,19 +170,36 @@ def evaluate(session: Session, label: str, log: Callable[[str], None], progress:
     return result
 
 
-def train_loop(session: Session, progress: bool) -> tuple[list[float], measure.StepTimer, int]:
+@dataclass
+class RunFiles:
+    """What the loop writes as it goes in a run directory: log, validation, checkpoints."""
+
+    out_dir: Path
+    requested: RunConfig  # the config as asked for, which a resume compares against
+    data_sha256: str
+    log: TrainLog | None = None
+
+
+def train_loop(session: Session, progress: bool, files: RunFiles | None = None,
+               state: TrainState | None = None) -> tuple[list[float], measure.StepTimer, int]:
+    """Steps state.step + 1 .. cfg.steps; with `files`, each step is logged and checkpointed as due."""
     from tqdm.auto import tqdm
 
     from memtune.data import iterate_batches
 
     cfg, model, device = session.cfg, session.built.model, session.built.device
+    state = state if state is not None else TrainState()
     model.train()
-    batches = iterate_batches(session.bundle, cfg, cfg.seed)
+    # a resumed run skips the micro-batches its steps so far took: the same batches follow
+    batches = iterate_batches(session.bundle, cfg, cfg.seed, start=state.step * cfg.grad_accum)
     timer = measure.StepTimer(device)
-    losses, grads_bytes = [], 0
-    bar = tqdm(range(cfg.steps), desc="train", unit="step", disable=not progress, dynamic_ncols=True)
-    with long_lived_objects_frozen(), _feed_released(session):
-        for _ in bar:
+    timer.times = list(state.step_times)
+    grads_bytes = 0
+    bar = tqdm(range(state.step + 1, cfg.steps + 1), desc="train", unit="step", disable=not progress,
+               dynamic_ncols=True, initial=state.step, total=cfg.steps)
+    signals = stop_on_signals() if files else contextlib.nullcontext(StopRequest())
+    with long_lived_objects_frozen(), _feed_released(session), signals as stop, _log_open(session, files, state):
+        for step in bar:
             timer.start()
             loss = train_step(session, batches)
             # Gradients are largest right after backward; measure them before they are freed.
@@ -224,10 +207,82 @@ def train_loop(session: Session, progress: bool) -> tuple[list[float], measure.S
             session.optimizer.zero_grad(set_to_none=True)
             timer.stop()
             if not math.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss} at step {len(losses) + 1}; lower learning_rate")
-            losses.append(loss)
+                raise FloatingPointError(f"loss became {loss} at step {step}; lower learning_rate")
+            state.step = step
+            state.losses.append(loss)
+            state.step_times.append(timer.times[-1])
             bar.set_postfix(loss=f"{loss:.4f}")
-    return losses, timer, grads_bytes
+            if files:
+                after_step(session, files, state, batches, stop.signum)
+    return state.losses, timer, grads_bytes
+
+
+def after_step(session: Session, files: RunFiles, state: TrainState, batches: Any, signum: int | None) -> None:
+    """Validate, log, checkpoint as due; on a stop request, checkpoint and raise Stopped."""
+    cfg, step = session.cfg, state.step
+    last = step == cfg.steps
+    val = None
+    if session.bundle.val and (step % (cfg.val_every or cfg.checkpoint_every) == 0 or last):
+        val = validation_loss(session)
+        state.val_losses.append({"step": step, "loss": val})
+    files.log.write(_log_record(session, state, val))
+    path = None
+    if step % cfg.checkpoint_every == 0 or last or signum:
+        if val is not None and (state.best is None or val < state.best["val_loss"]):
+            state.best = {"step": step, "val_loss": val}
+        meta = {"state": checkpoint.state_dict(state), "requested_config": files.requested.to_dict(),
+                "data_position": batches.position(step * cfg.grad_accum), "data_sha256": files.data_sha256,
+                "val_loss": val}
+        trained = checkpoint.Trained(session.built.model, session.optimizer, session.scheduler, session.scaler,
+                                     cfg.lora)
+        path = checkpoint.save(files.out_dir, trained, cfg, meta)
+        checkpoint.prune(files.out_dir, cfg.checkpoint_keep, state.best and state.best["step"])
+    if signum:
+        raise Stopped(signum, step, path)
+
+
+def _log_record(session: Session, state: TrainState, val: float | None) -> dict[str, Any]:
+    record = {"step": state.step, "epoch": round(state.step * session.cfg.grad_accum * session.cfg.batch_size
+                                                  / len(session.bundle.train), 4),
+              "loss": state.losses[-1], "lr": session.lr, "grad_norm": session.grad_norm,
+              "tokens_per_s": session.step_tokens / state.step_times[-1],
+              "peak_memory_bytes": peak_so_far_bytes(session.built.device)}
+    if val is not None:
+        record["val_loss"] = val
+    return record
+
+
+def validation_loss(session: Session) -> float:
+    """Mean loss over every unmasked token of the validation examples, as the training step computes it."""
+    from memtune.data import collate
+
+    cfg, model, device = session.cfg, session.built.model, session.built.device
+    bundle, size = session.bundle, session.cfg.batch_size
+    total, tokens = 0.0, 0
+    model.eval()  # no dropout: the same loss whenever it is asked
+    try:
+        with torch.no_grad():
+            for start in range(0, len(bundle.val), size):
+                host = collate(bundle.val[start:start + size], bundle.pad_token_id, None, False)
+                batch = {k: v.to(device) for k, v in host.items()}
+                counted = int((host["labels"][:, 1:] != -100).sum())  # the tokens the mean is over
+                total += float(forward_loss(model, batch, cfg, host_batch=host)) * counted
+                tokens += counted
+    finally:
+        model.train()
+    return total / max(1, tokens)
+
+
+@contextlib.contextmanager
+def _log_open(session: Session, files: RunFiles | None, state: TrainState) -> Iterator[None]:
+    if files is None:
+        yield
+        return
+    files.log = TrainLog(files.out_dir, session.cfg, state.step)
+    try:
+        yield
+    finally:
+        files.log.close()
 
 
 @contextlib.contextmanager
@@ -257,21 +312,32 @@ def long_lived_objects_frozen() -> Iterator[None]:
         gc.unfreeze()
 
 
-def run(cfg: RunConfig, out_dir: Path, log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
-    """Train one configuration, write the run directory, return its metrics."""
+def run(cfg: RunConfig, out_dir: Path, log: Callable[[str], None] = print, progress: bool = True,
+        resume_from: checkpoint.Checkpoint | None = None) -> dict[str, Any]:
+    """Train one configuration (or continue one from `resume_from`), write the run directory, return its metrics.
+
+    Raises memtune.stop.Stopped when SIGINT / SIGTERM stopped it (after a checkpoint).
+    """
+    from memtune import resume
+
     started_at, wall_start = provenance.now_iso(), time.perf_counter()
+    requested = cfg
+    require_sink(cfg)
     device = _apply_gpu_cap(cfg, log)
     metrics: dict[str, Any] = {"status": "running", "config_hash": cfg.config_hash(), "started_at": started_at}
     metrics.update(measure.device_info(device))
     metrics["versions"] = provenance.package_versions()
     metrics["git_commit"] = provenance.git_commit()
-    metrics["estimate"] = _estimate(cfg, log)
+    metrics["estimate"] = _estimate(cfg, log, device.type)
     if device.type == "cuda":
         available = measure.available_host_memory()
         cfg, metrics["estimate"] = drop_saved_attention_if_host_short(cfg, metrics["estimate"], available, log)
         host_memory_warning(metrics["estimate"], available, log)
 
     session = setup(cfg, log)
+    files = RunFiles(out_dir, requested, resume.data_sha256(session.bundle))
+    if resume_from is not None:
+        resume.check_resolved(resume_from, session.cfg, files.data_sha256)
     # Only now, with the model and data known good, does the run directory appear.
     out_dir.mkdir(parents=True, exist_ok=True)
     save_yaml(session.cfg, out_dir / "config.yaml")  # resolved: auto values filled in
@@ -282,21 +348,29 @@ def run(cfg: RunConfig, out_dir: Path, log: Callable[[str], None] = print, progr
                    trainable_percent=100 * trainable / total, seq_len=session.bundle.seq_len,
                    compute_dtype=str(session.built.compute_dtype).replace("torch.", ""))
 
-    before = evaluate(session, "before", log, progress)
+    state = _start_or_resume(session, out_dir, resume_from, log, progress)
     measure.reset_peak(session.built.device)
-    losses, timer, grads_bytes = train_loop(session, progress)
+    losses, timer, grads_bytes = train_loop(session, progress, files, state)
     peaks = measure.peak_memory(session.built.device)
     after = evaluate(session, "after", log, progress)
 
     metrics.update(peaks)
-    peak = peaks.get("peak_allocated_bytes", peaks["peak_rss_bytes"])
+    peak = measure.peak_bytes(peaks)
     metrics["memory_breakdown"] = measure.memory_breakdown(peak, model, session.optimizer, grads_bytes)
     metrics.update(_time_metrics(session.cfg, session, timer, metrics.get("gpu_name")))
     metrics.update(losses=losses, loss_first=losses[0], loss_last=losses[-1])
-    if before is not None:
-        metrics.update(accuracy_before=before.accuracy, accuracy_after=after.accuracy, eval_examples=after.total)
-        _write_predictions(out_dir, before, after)
+    if state.val_losses:
+        metrics.update(val_loss=state.val_losses[-1]["loss"], val_losses=state.val_losses)
+    if resume_from is not None:
+        metrics["resumed_from_step"] = resume_from.step
+    if state.before is not None and after is not None:
+        metrics.update(accuracy_before=state.before["accuracy"], accuracy_after=after.accuracy,
+                       eval_examples=after.total)
+        _write_predictions(out_dir, "after", after)
+    plot_losses(out_dir, losses, state.val_losses)
     _save_weights(model, cfg, out_dir)
+    if session.cfg.checkpoint_keep == 0:
+        checkpoint.remove_all(out_dir)
     metrics["batch_size"] = session.cfg.batch_size
     metrics.update(status="ok", finished_at=provenance.now_iso(), wall_time_s=time.perf_counter() - wall_start)
     from memtune.run_report import write_run_report
@@ -320,10 +394,10 @@ def _apply_gpu_cap(cfg: RunConfig, log: Callable[[str], None]) -> torch.device:
     return device
 
 
-def _estimate(cfg: RunConfig, log: Callable[[str], None]) -> dict[str, Any] | None:
-    """The analytical prediction, stored beside the measurement so the report can show its error."""
+def _estimate(cfg: RunConfig, log: Callable[[str], None], device: str = "cuda") -> dict[str, Any] | None:
+    """The analytical prediction for this device, stored beside the measurement so the report can show its error."""
     try:
-        estimate = estimate_memory(cfg)
+        estimate = estimate_memory(cfg, device=device)
     except UserError as exc:
         log(f"no memory estimate: {exc}")
         return None
@@ -392,10 +466,25 @@ def _dense_params(config: Any) -> int:
     return layers * (attention + mlp) + hidden * config.vocab_size
 
 
-def _write_predictions(out_dir: Path, before: Any, after: Any) -> None:
-    for label, result in (("before", before), ("after", after)):
-        lines = "\n".join(json.dumps(p) for p in result.predictions)
-        write_text_atomic(out_dir / f"predictions_{label}.jsonl", lines + "\n")
+def _start_or_resume(session: Session, out_dir: Path, resume_from: checkpoint.Checkpoint | None,
+                     log: Callable[[str], None], progress: bool) -> TrainState:
+    """A fresh run evaluates the base model first; a resumed one restores its checkpoint instead."""
+    if resume_from is None:
+        before = evaluate(session, "before", log, progress)
+        if before is None:
+            return TrainState()
+        _write_predictions(out_dir, "before", before)
+        return TrainState(before={"accuracy": before.accuracy, "correct": before.correct, "total": before.total})
+    trained = checkpoint.Trained(session.built.model, session.optimizer, session.scheduler, session.scaler,
+                                 session.cfg.lora)
+    state = checkpoint.restore(resume_from, trained)
+    log(f"resumed from {resume_from.path} (step {state.step} of {session.cfg.steps})")
+    return state
+
+
+def _write_predictions(out_dir: Path, label: str, result: Any) -> None:
+    lines = "\n".join(json.dumps(p) for p in result.predictions)
+    write_text_atomic(out_dir / f"predictions_{label}.jsonl", lines + "\n")
 
 
 def _save_weights(model: nn.Module, cfg: RunConfig, out_dir: Path) -> None:

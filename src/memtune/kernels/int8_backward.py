@@ -20,6 +20,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from memtune.kernels._common import restore_forwards, swap_forwards
+
 _ATTR = "_memtune_int8_forward"
 
 
@@ -54,15 +56,17 @@ def _make_forward(layer: nn.Module, original: Callable) -> Callable:
     return forward
 
 
-def enable_frozen_int8_backward(model: nn.Module) -> int:
-    """Swap the forward of every bitsandbytes Linear8bitLt instance; return how many."""
+def _int8_linears(model: nn.Module) -> list[nn.Module]:
     import bitsandbytes as bnb
 
-    count = 0
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear8bitLt) and not hasattr(module, _ATTR):
-            original = module.forward
-            setattr(module, _ATTR, original)
-            module.forward = _make_forward(module, original)
-            count += 1
-    return count
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+
+
+def enable_frozen_int8_backward(model: nn.Module) -> int:
+    """Swap the forward of every bitsandbytes Linear8bitLt instance; return how many. Idempotent."""
+    return swap_forwards(_int8_linears(model), _ATTR, _make_forward)
+
+
+def disable_frozen_int8_backward(model: nn.Module) -> int:
+    """Undo `enable_frozen_int8_backward`; returns the number of layers restored."""
+    return restore_forwards(_int8_linears(model), _ATTR)
