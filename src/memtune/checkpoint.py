@@ -213,6 +213,7 @@ def restore(checkpoint: Checkpoint, trained: Trained) -> TrainState:
     # The schedule's function is not in its state: the one built from the current `steps` is used,
     # so a resume with more steps follows the schedule of the new total from here on.
     trained.scheduler.load_state_dict(state["scheduler"])
+    _rates_from_schedule(trained.optimizer, trained.scheduler)
     if trained.scaler is not None and "scaler" in state:
         trained.scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["torch_rng"])
@@ -222,6 +223,20 @@ def restore(checkpoint: Checkpoint, trained: Trained) -> TrainState:
     random.setstate((python[0], tuple(python[1]), python[2]))
     np.random.set_state((numpy[0], np.array(numpy[1], dtype=np.uint32), *numpy[2:]))
     return checkpoint.state
+
+
+def _rates_from_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """The next step's rate from the current schedule, not the one saved with the optimizer.
+
+    Equal when `steps` is unchanged (the same expression LambdaLR evaluates); with more steps,
+    the first resumed step already follows the new total's schedule.
+    """
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        return
+    rates = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, rate in zip(optimizer.param_groups, rates):
+        group["lr"] = rate
+    scheduler._last_lr = rates
 
 
 def _load_weights(path: Path, trained: Trained) -> None:

@@ -13,6 +13,7 @@ from memtune.cli import add_config_flags, config_from_args
 from memtune.config import RunConfig, save_yaml, write_text_atomic
 from memtune.errors import EXIT_OOM, UserError, is_out_of_memory
 from memtune.estimate import gib
+from memtune.stop import Stopped
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,6 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="start a new run in an --out that holds another run; that run's files are moved "
                              "to DIR/.previous-<time>/ first (nothing is deleted)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out DIR from its newest complete checkpoint, with its config; "
+                             "options given too may change only steps, epochs, checkpoint_every, "
+                             "checkpoint_keep, log and val_every")
 
 
 def default_out_dir(cfg: RunConfig) -> Path:
@@ -37,10 +42,20 @@ def run(args: argparse.Namespace) -> int:
     overwrite, resume = bool(getattr(args, "overwrite", False)), bool(getattr(args, "resume", False))
     # Everything a user can get wrong about where the run goes or how big it is, before anything loads.
     run_dir.check(out_dir, overwrite=overwrite, resume=resume)
+    resume_from = None
+    if resume:
+        from memtune.resume import resume_run
+
+        cfg, resume_from = resume_run(args, out_dir)
     bounds.check_lora_rank(cfg)
     try:
         run_dir.prepare(out_dir, overwrite=overwrite, resume=resume)
-        metrics = train.run(cfg, out_dir, progress=not args.quiet)
+        metrics = train.run(cfg, out_dir, progress=not args.quiet, resume_from=resume_from)
+    except Stopped as stop:
+        where = f"checkpoint {stop.checkpoint}; " if stop.checkpoint else ""
+        print(f"memtune train: {stop}; {where}resume with: memtune train --out {out_dir} --resume",
+              file=sys.stderr)
+        return stop.exit_code
     except FloatingPointError as exc:  # the loss diverged: the run's settings, not a bug
         raise UserError(str(exc).splitlines()[0]) from None
     except (RuntimeError, MemoryError) as exc:
