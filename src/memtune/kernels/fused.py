@@ -96,15 +96,20 @@ def one_plus_rms_norm_heads_training(hidden: torch.Tensor, weight: torch.Tensor,
     return one_plus_rms_norm_reference(hidden, weight, eps)
 
 
-# (eval/generation function, training function) per kind of module
+# (eval/generation function, training function) per kind of module, by name: looked up when a
+# module is swapped, so the module's functions are the ones in force then
 _NORM_FUNCTIONS = {
-    (False, False): (rms_norm_reference, rms_norm_training),
-    (False, True): (rms_norm_heads, rms_norm_heads_training),
-    (True, False): (one_plus_rms_norm_reference, one_plus_rms_norm_training),
-    (True, True): (one_plus_rms_norm_heads, one_plus_rms_norm_heads_training),
+    (False, False): ("rms_norm_reference", "rms_norm_training"),  # (one_plus, heads)
+    (False, True): ("rms_norm_heads", "rms_norm_heads_training"),
+    (True, False): ("one_plus_rms_norm_reference", "one_plus_rms_norm_training"),
+    (True, True): ("one_plus_rms_norm_heads", "one_plus_rms_norm_heads_training"),
 }
-_GATE_FUNCTIONS = {"silu": (silu_mul_reference, silu_mul_training),
-                   "gelu_tanh": (gelu_tanh_mul_reference, gelu_tanh_mul_training)}
+_GATE_FUNCTIONS = {"silu": ("silu_mul_reference", "silu_mul_training"),
+                   "gelu_tanh": ("gelu_tanh_mul_reference", "gelu_tanh_mul_training")}
+
+
+def _functions(names: tuple[str, str]) -> tuple[Callable, Callable]:
+    return globals()[names[0]], globals()[names[1]]
 
 
 @functools.cache
@@ -201,7 +206,7 @@ def _is_silu_gated_mlp(module: nn.Module) -> bool:
 
 def _norm_forward(module: nn.Module, compile_fn: bool, static_training: bool, heads: bool = False) -> Callable:
     one_plus = is_one_plus_rms_norm(module)
-    fn, training_fn = pick_compiled(*_NORM_FUNCTIONS[one_plus, heads], compile_fn, static_training)
+    fn, training_fn = pick_compiled(*_functions(_NORM_FUNCTIONS[one_plus, heads]), compile_fn, static_training)
     eps = module.eps if one_plus else module.variance_epsilon
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
@@ -212,7 +217,7 @@ def _norm_forward(module: nn.Module, compile_fn: bool, static_training: bool, he
 
 def _mlp_forward(module: nn.Module, compile_fn: bool, static_training: bool) -> Callable:
     layout, kind = _gated_mlp_kind(module)
-    fn, training_fn = pick_compiled(*_GATE_FUNCTIONS[kind], compile_fn, static_training)
+    fn, training_fn = pick_compiled(*_functions(_GATE_FUNCTIONS[kind]), compile_fn, static_training)
 
     if layout == "fused":
         def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
