@@ -1,0 +1,172 @@
+"""The benchmark runner, its scenario files and the trainer comparison's plumbing (no GPU needed).
+
+compare.py's own tests are in test_kernels.py."""
+
+import importlib
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+run_scenario = importlib.import_module("run_scenario")
+trainer_compare = importlib.import_module("trainer_compare")
+compare = importlib.import_module("compare")
+
+
+def _train_parser():
+    from memtune.cli import build_verb_parser
+
+    return build_verb_parser("train")[0]
+
+
+def _check_parses(step, out: Path) -> None:
+    """The step's command line is accepted by the parser of the script it runs."""
+    script = Path(step.argv[1]).name if len(step.argv) > 1 else ""
+    if step.kind == "compare":
+        compare.parse_args(step.argv[2:])
+    elif step.kind == "trainer":
+        trainer_compare.parse_args(step.argv[2:])
+    elif step.kind == "train":
+        _train_parser().parse_args(step.argv[4:])
+    elif step.kind == "configs":
+        runs = [a for a in step.argv if ": --" in a]
+        assert runs
+        for run in runs:
+            _train_parser().parse_args(shlex.split(run.partition(":")[2]))
+    elif step.kind == "profile":
+        flags = step.argv[2:step.argv.index("--profile-out")]
+        flags = [f for i, f in enumerate(flags) if f != "--rows" and (i == 0 or flags[i - 1] != "--rows")]
+        _train_parser().parse_args(flags)
+    elif step.kind in ("script", "pytest"):
+        paths = [Path(a) for a in step.argv[1:] if a.endswith(".py")]
+        assert paths and all(p.is_file() for p in paths), (script, step.argv)
+
+
+@pytest.mark.parametrize("path", sorted((BENCH / "scenarios").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_scenario_loads_and_its_commands_parse(path, tmp_path):
+    scenario = run_scenario.load(path, tmp_path)
+    assert scenario.about and scenario.minutes > 0 and scenario.steps
+    for step in scenario.steps:
+        _check_parses(step, tmp_path)
+        assert "{out}" not in " ".join(step.argv)
+
+
+def test_the_headline_scenario_runs_memtune_beside_unsloth(tmp_path):
+    (step,) = run_scenario.load(run_scenario.resolve("defaults-16k"), tmp_path).steps
+    args = compare.parse_args(step.argv[2:])
+    assert args.stack_list == ["memtune", "unsloth"] and args.seq_lens == [16384] and args.repeat == 2
+    assert args.out == (tmp_path / "compare-h200.json").resolve()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("steps: [{comapre: {stacks: [memtune]}}]", "steps[0]: expected one of compare"),
+    ("steps: [{compare: {stacks: [memtune], seq_len: 4}}]", "steps[0].compare: unknown key 'seq_len'"),
+    ("steps: [{compare: {stacks: memtune}}]", "steps[0].compare.stacks: expected list"),
+    ("steps: [{compare: {stacks: [memtune], steps: true}}]", "steps[0].compare.steps: expected int"),
+    ("steps: [{profile: {flags: --seq-len 4}}]", "steps[0].profile: missing out"),
+    ("steps: [{script: {run: x.py}, show: ['(']}]", "steps[0].show: not a regular expression"),
+    ("steps: {compare: {}}", "expected a mapping of about, minutes and steps"),
+    ("steps: [", "not valid YAML"),
+])
+def test_a_mistake_in_a_scenario_is_one_line(tmp_path, capsys, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert run_scenario.main([str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and str(path) in err
+    assert not (tmp_path / "out").exists()  # nothing ran
+
+
+def test_an_unknown_scenario_name_lists_the_known_ones(capsys):
+    assert run_scenario.main(["no-such-scenario", "--dry-run"]) == 2
+    assert "defaults-16k" in capsys.readouterr().err
+
+
+def test_the_runner_filters_output_keeps_logs_and_goes_on_after_a_timeout(tmp_path, capsys):
+    python = sys.executable
+    steps = [run_scenario.Step("script", [python, "-c", "import time; time.sleep(30)"], 1, []),
+             run_scenario.Step("script", [python, "-c", "print('keep me'); print('drop me')"], None,
+                               [run_scenario.re.compile("keep")])]
+    code = run_scenario.run(run_scenario.Scenario("t", "", 0, steps), tmp_path)
+    printed = capsys.readouterr().out
+    assert code == 1  # the first step timed out; the second still ran
+    assert "script: timed out after" in printed and "steps [1] failed" in printed
+    assert "\nkeep me\n" in printed and "\ndrop me\n" not in printed
+    assert (tmp_path / "02-script.log").read_text() == "keep me\ndrop me\n"
+
+
+def test_trainer_compare_arguments():
+    args = trainer_compare.parse_args(["--stacks", "unsloth,memtune", "--apply-options",
+                                       "offload_activations=false,tiled_mlp_chunk=4096"])
+    assert args.stack_list == ["unsloth", "memtune"] and args.seq_len == 16384
+    assert args.apply_options == {"offload_activations": False, "tiled_mlp_chunk": 4096}
+    for bad in (["--stacks", "memtune,liger"], ["--steps", "3", "--warmup", "3"], ["--apply-options", "x"],
+                ["--preset", "tiny-test", "--seq-len", "4096"]):
+        with pytest.raises(SystemExit):
+            trainer_compare.parse_args(bad)
+
+
+def _record(stack, peak, step_times, **extra):
+    return {"stack": stack, "seq_len": 16384, "lora_targets": "qv", "gpu_memory_cap": None,
+            "preset": "r1-1.5b", "mode": "trainer", "status": "ok", **extra,
+            "result": {"status": "ok", "peak_allocated_bytes": peak, "peak_reserved_bytes": peak * 1.2,
+                       "step_times_s": step_times, "losses": [12.2, 12.1, 12.0, 11.9], "gpu_name": "H200"}}
+
+
+def test_trainer_records_report_the_median_after_warmup_and_the_target(tmp_path):
+    out = tmp_path / "trainer.json"
+    for stack, peak, times, extra in (
+            ("memtune", 2.6e9, [9.0, 0.40, 0.44, 0.42], {"applied": ["offload_activations"],
+                                                         "skipped": {"host_embeddings": "not CUDA"}}),
+            ("unsloth", 3.5e9, [9.0, 0.50, 0.48, 0.49], {})):
+        record = _record(stack, peak, times)
+        result = {**record.pop("result"), **extra}
+        path = tmp_path / f"{stack}.json"
+        path.write_text(json.dumps(result))
+        trainer_compare.fill_record(record, path, 0, "", warmup=1)
+        trainer_compare.append_record(out, record)
+    rows = {r["stack"]: r for r in trainer_compare.load_records(out)}
+    assert rows["memtune"]["step_time_s"] == 0.42 and rows["memtune"]["tokens_per_s"] == 16384 / 0.42
+    assert rows["memtune"]["loss_step1"] == 12.2 and rows["memtune"]["applied"] == ["offload_activations"]
+    text = trainer_compare.write_report(out, "r1-1.5b").read_text()
+    assert "| 16384 | memtune | ok | 2.60 | 3.12 |" in text
+    assert "memory 0.74x, speed 1.17x Unsloth's: target (<= 0.8x, >= 1.1x) met" in text
+    assert "- skipped host_embeddings: not CUDA" in text
+
+
+def test_a_trainer_run_without_enough_timed_steps_is_not_a_result(tmp_path):
+    record = _record("memtune", 2e9, [1.0])
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(record.pop("result")))
+    trainer_compare.fill_record(record, path, 0, "", warmup=3)
+    assert record["status"] == "error" and "tokens_per_s" not in record
+    missing = _record("unsloth", 2e9, [])
+    missing.pop("result")
+    trainer_compare.fill_record(missing, tmp_path / "absent.json", 3, "CUDA out of memory", warmup=3)
+    assert missing["status"] == "oom"
+
+
+def test_stack_registry():
+    stacks = importlib.import_module("stacks")
+    assert set(stacks.BUILTIN_STACKS) - {"memtune"} <= set(stacks.STACKS)
+    assert stacks.get("unsloth").preload == "unsloth"
+    with pytest.raises(ValueError, match="unknown stack"):
+        stacks.get("nope")
+
+
+@pytest.mark.skipif(not hasattr(importlib.import_module("memtune"), "apply"), reason="memtune.apply not built yet")
+def test_trainer_compare_memtune_side_on_a_tiny_cpu_model(tmp_path):
+    out = tmp_path / "trainer.json"
+    code = trainer_compare.main(["--device", "cpu", "--preset", "tiny-test", "--seq-len", "64", "--steps", "3",
+                                 "--warmup", "1", "--stacks", "memtune", "--out", str(out),
+                                 "--model-cache", str(tmp_path / "m"), "--work-dir", str(tmp_path)])
+    (record,) = trainer_compare.load_records(out)
+    assert code == 0, record.get("error")
+    assert record["status"] == "ok" and len(record["step_times_s"]) == 3 and len(record["losses"]) == 3
+    assert record["tokens_per_s"] > 0 and isinstance(record["applied"], list)
+    assert out.with_suffix(".md").is_file()
