@@ -260,3 +260,24 @@ def test_damaged_checkpoints_are_named_and_pruning_keeps_the_newest_and_the_best
     checkpoint.prune(tmp_path, keep=2, best_step=2)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [".step-10.tmp", "step-2", "step-6",
                                                                             "step-8"]
+
+
+def test_full_fine_tuning_resumes_bitwise_from_a_saved_model(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"a short line number {i}"}) + "\n" for i in range(8)))
+    cfg = RunConfig(data=str(data), seq_len=32, quantization="none", compute_dtype="fp32", eval=False, device="cpu",
+                    lora=False, learning_rate=1e-3, steps=4, checkpoint_every=2, lora_dropout=0.0)
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    expected = train.run(cfg, whole, log=lambda _: None, progress=False)
+    assert (whole / "checkpoints" / "step-2" / "model").is_dir()
+    shutil.copytree(whole, part)
+    shutil.rmtree(part / "checkpoints" / "step-4")
+    shutil.rmtree(part / "model")
+    found = checkpoint.latest(part, print)
+    resumed = train.run(cfg, part, log=lambda _: None, progress=False, resume_from=found)
+    assert resumed["resumed_from_step"] == 2 and resumed["losses"] == expected["losses"]
+    from safetensors.torch import load_file
+
+    ours = load_file(str(part / "model" / "model.safetensors"))
+    theirs = load_file(str(whole / "model" / "model.safetensors"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

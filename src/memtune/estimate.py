@@ -35,6 +35,7 @@ of one sequence); multiply by batch x seq_len.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import math
 from dataclasses import dataclass, field
@@ -229,9 +230,16 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 # --- weights ----------------------------------------------------------------------
 
+# The rounding of one allocation: CUDA's caching allocator rounds to 512 bytes; on a CPU the
+# tensor tracker counts the storages' own bytes, so estimate_for_shape sets 1 there.
+_ALLOCATION_ROUND: contextvars.ContextVar[int] = contextvars.ContextVar("allocation_round",
+                                                                         default=ALLOCATOR_ROUND)
+
+
 def _round(nbytes: int) -> int:
-    """One CUDA allocation: rounded up to 512 bytes (0 stays 0)."""
-    return 0 if nbytes <= 0 else -(-nbytes // ALLOCATOR_ROUND) * ALLOCATOR_ROUND
+    """One allocation: rounded up to 512 bytes on CUDA, its own size on a CPU (0 stays 0)."""
+    step = _ALLOCATION_ROUND.get()
+    return 0 if nbytes <= 0 else -(-nbytes // step) * step
 
 
 def quantized_linear_tensors(out_features: int, in_features: int, quantization: str,
@@ -592,11 +600,12 @@ def dequantize_graph_buffer_bytes(shape: ModelShape, cfg: RunConfig, dtype_bytes
     return _dequantized_bytes(shape.layer_linears(), dtype_bytes)
 
 
-def int8_matmul_workspace_bytes(shape: ModelShape, cfg: RunConfig, tokens: int) -> int:
+def int8_matmul_workspace_bytes(shape: ModelShape, cfg: RunConfig, tokens: int, device: str = "cuda") -> int:
     """bitsandbytes' int8 matmul accumulates in int32 before scaling back: a transient
     tokens x out_features x 4 bytes for the widest linear (gate/up: the intermediate size).
-    Measured on the H200 at 16384 tokens, leaving it out under-estimated int8 runs by 5-6%."""
-    if cfg.quantization != "int8":
+    Measured on the H200 at 16384 tokens, leaving it out under-estimated int8 runs by 5-6%.
+    On a CPU bitsandbytes dequantizes the weight and multiplies in the dtype (no int32 result)."""
+    if cfg.quantization != "int8" or device != "cuda":
         return 0
     widest = max(lin.out_features for lin in shape.layer_linears())
     return _round(tokens * widest * 4)
@@ -657,16 +666,27 @@ def effective_seq_len(cfg: RunConfig, shape: ModelShape) -> int:
     return min(cfg.seq_len, shape.max_positions) if shape.max_positions else cfg.seq_len
 
 
-def estimate_memory(cfg: RunConfig, model_config: dict | None = None) -> Estimate:
-    """Predicted peak allocated GPU memory of `memtune train` with `cfg`, by component."""
+def estimate_memory(cfg: RunConfig, model_config: dict | None = None, device: str = "cuda") -> Estimate:
+    """Predicted peak memory of `memtune train` with `cfg`, by component.
+
+    device "cuda": torch.cuda.max_memory_allocated; "cpu": the peak of live tensor bytes
+    that memtune.measure.TensorMemoryTracker counts (no CUDA workspace or context there)."""
     if model_config is None:
         model_config = load_model_config(cfg.model)
     shape = model_shape(model_config, source=f"model '{cfg.model}'")
-    return estimate_for_shape(cfg, shape)
+    return estimate_for_shape(cfg, shape, device)
 
 
 def estimate_for_shape(cfg: RunConfig, shape: ModelShape, device: str = "cuda") -> Estimate:
-    """The estimate for known shapes; device "cpu" models the CPU kernels (used to validate on a CPU)."""
+    """The estimate for known shapes; device "cpu" models the CPU kernels and allocations."""
+    token = _ALLOCATION_ROUND.set(ALLOCATOR_ROUND if device == "cuda" else 1)
+    try:
+        return _estimate_for_shape(cfg, shape, device)
+    finally:
+        _ALLOCATION_ROUND.reset(token)
+
+
+def _estimate_for_shape(cfg: RunConfig, shape: ModelShape, device: str) -> Estimate:
     seq = effective_seq_len(cfg, shape)
     # batch auto fills seq_len tokens; the estimate assumes full-length sequences, so one.
     cfg = cfg.replace(batch_size=cfg.resolved_batch_size(seq))
@@ -693,9 +713,11 @@ def estimate_for_shape(cfg: RunConfig, shape: ModelShape, device: str = "cuda") 
     act = _activation_phases(shape, cfg, c, seq, tokens, device)
     phases: dict[str, dict[str, int]] = {}
     for name, parts in act.items():
-        # LoRA gradients are small and accumulate during backward: count them all (a bound);
-        # full fine-tuning gradients only matter at the end of backward (own phase below).
-        phase_grads = grads if (cfg.lora and name != "forward_loss") else 0
+        # LoRA gradients arrive layer by layer during backward: at the last layer's backward
+        # (where the checkpoints, larger than any layer's adapters, are all still held) only that
+        # layer's exist, and none at the loss. Full fine-tuning gradients only matter at the end
+        # of backward (own phase below).
+        phase_grads = grads // shape.layers if (cfg.lora and name == "backward_last_layer") else 0
         phases[name] = {**persistent, **parts, "gradients": phase_grads}
     phases["end_of_backward"] = {**persistent, "gradients": grads, "rope_cache": act["forward_loss"]["rope_cache"]}
     phases["optimizer_step"] = {**persistent, "gradients": grads}
@@ -708,6 +730,7 @@ def estimate_for_shape(cfg: RunConfig, shape: ModelShape, device: str = "cuda") 
     if cfg.saves_attention:
         host["saved_attention"] = shape.layers * saved_attention_bytes(shape, tokens, c)
     return Estimate(total_bytes=sum(breakdown.values()), breakdown=breakdown, host_bytes=host,
+                    cuda_context_bytes=CUDA_CONTEXT_BYTES if device == "cuda" else 0,
                     phase=phase, seq_len=seq, notes=notes)
 
 
@@ -775,7 +798,7 @@ def _activation_phases(shape: ModelShape, cfg: RunConfig, c: int, seq: int, toke
             workspace += tokens * 4 * shape.hidden
     workspace += dequantized_weight_bytes(shape, cfg, c)
     workspace += dequantized_once_extra_bytes(shape, cfg, c, seq)
-    workspace += int8_matmul_workspace_bytes(shape, cfg, tokens)
+    workspace += int8_matmul_workspace_bytes(shape, cfg, tokens, device)
 
     lm_tokens = cfg.batch_size * max(seq - 1, 1)
     if cfg.loss == "chunked":
