@@ -2,30 +2,137 @@
 
 Memory is stored in bytes everywhere and shown as GiB with two decimals.
 On CUDA the peak is `max_memory_allocated` (what tensors used) and
-`max_memory_reserved` (what the caching allocator held). On a CPU the only
-honest number is the process's peak resident set size, labelled as such.
+`max_memory_reserved` (what the caching allocator held). A CPU has no such
+counter, so there `TensorMemoryTracker` counts the bytes of the tensor storages
+alive over the training steps (`peak_tensor_bytes`, the quantity the estimator
+predicts); the process's peak resident set size (`peak_rss_bytes`: Python,
+libraries, allocator slack included) is kept beside it.
 """
 
 from __future__ import annotations
 
+import gc
 import platform
 import statistics
 import time
+import weakref
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 # --- peaks -------------------------------------------------------------------
 
+class TensorMemoryTracker(TorchDispatchMode):
+    """The peak of live tensor-storage bytes on one device type, for devices without a counter.
+
+    Every storage an operator returns is counted once (by its data pointer) until
+    its Python storage object dies: torch keeps that object alive as long as any
+    tensor, view or autograd-saved copy holds the storage, so a weak reference's
+    callback marks the moment the memory goes back. Storages alive when tracking
+    starts (weights, buffers, optimizer states) are found by a walk over the
+    garbage collector's tensors. Backward on a CPU runs in the calling thread and
+    inherits the dispatch mode, so its gradients and temporaries are counted.
+    Scratch memory a kernel frees before returning is not a tensor and is not seen.
+    """
+
+    def __init__(self, device_type: str = "cpu"):
+        super().__init__()
+        self.device_type = device_type
+        self.current = 0
+        self.peak = 0
+        self._live: dict[int, tuple[weakref.ref, int]] = {}  # data_ptr -> (storage ref, bytes)
+        self._allocates: dict[Any, bool] = {}  # operator -> whether its outputs can be new storages
+
+    def __enter__(self) -> "TensorMemoryTracker":
+        for obj in gc.get_objects():
+            if issubclass(type(obj), torch.Tensor):  # type(), not isinstance: no module proxy's __class__ runs
+                self._track(obj)
+        self.peak = self.current
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        allocates = self._allocates.get(func)
+        if allocates is None:
+            allocates = self._allocates[func] = _may_allocate(func)
+        if not allocates:
+            return out
+        if type(out) is torch.Tensor:  # the common case, without a tree walk
+            self._track(out)
+        else:
+            for leaf in tree_leaves(out):
+                if isinstance(leaf, torch.Tensor):
+                    self._track(leaf)
+        return out
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        if tensor.device.type != self.device_type or tensor.layout != torch.strided:
+            return
+        try:
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # wrapper subclasses without a storage
+            return
+        key = storage.data_ptr()
+        if key == 0:
+            return
+        known = self._live.get(key)
+        if known is not None:
+            ref, counted = known
+            if ref() is storage:
+                return
+            self._free(key, ref)  # the old storage died without its callback having run yet
+        nbytes = storage.nbytes()
+        self._live[key] = (weakref.ref(storage, lambda ref, key=key: self._free(key, ref)), nbytes)
+        self.current += nbytes
+        if self.current > self.peak:
+            self.peak = self.current
+
+    def _free(self, key: int, ref: weakref.ref) -> None:
+        known = self._live.get(key)
+        if known is not None and known[0] is ref:
+            del self._live[key]
+            self.current -= known[1]
+
+
+def _may_allocate(func: Any) -> bool:
+    """False for operators whose every output aliases an input (views, in-place and out= kernels):
+    their storages are counted already. Skipping them halves the tracker's cost a step."""
+    try:
+        returns = func._schema.returns
+    except AttributeError:
+        return True
+    return not returns or any(r.alias_info is None for r in returns)
+
+
+_tracker: TensorMemoryTracker | None = None
+
+
 def reset_peak(device: torch.device) -> None:
+    """Start a peak measurement; on a CPU this starts the tensor tracker (peak_memory stops it)."""
+    global _tracker
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    else:
-        _reset_peak_rss()
+        return
+    _reset_peak_rss()
+    stop_tracking()
+    _tracker = TensorMemoryTracker(device.type)
+    _tracker.__enter__()
+
+
+def stop_tracking() -> int | None:
+    """Stop the CPU tensor tracker if one runs; its peak in bytes (None when none ran)."""
+    global _tracker
+    tracker, _tracker = _tracker, None
+    if tracker is None:
+        return None
+    tracker.__exit__(None, None, None)
+    return tracker.peak
 
 
 def peak_memory(device: torch.device) -> dict[str, int]:
@@ -37,7 +144,19 @@ def peak_memory(device: torch.device) -> dict[str, int]:
             "peak_reserved_bytes": int(torch.cuda.max_memory_reserved(device)),
             "peak_rss_bytes": peak_rss_bytes(),
         }
-    return {"peak_rss_bytes": peak_rss_bytes()}
+    peaks = {"peak_rss_bytes": peak_rss_bytes()}
+    tensor_peak = stop_tracking()
+    if tensor_peak is not None:
+        peaks["peak_tensor_bytes"] = int(tensor_peak)
+    return peaks
+
+
+def peak_bytes(peaks: dict[str, Any]) -> int | None:
+    """The measured peak the estimate predicts: allocated on CUDA, tensor bytes on a CPU (else RSS)."""
+    for key in ("peak_allocated_bytes", "peak_tensor_bytes", "peak_rss_bytes"):
+        if isinstance(peaks.get(key), int):
+            return peaks[key]
+    return None
 
 
 def current_allocated_bytes(device: torch.device) -> int | None:
