@@ -70,13 +70,15 @@ PAGED_MIN_SIZE = 100_000
 # memtune.kernels.cross_entropy caps the fp32 chunk logits at 1 GiB.
 LOSS_CHUNK_MAX_BYTES = GIB
 
-SUPPORTED_FAMILIES = ("qwen2", "qwen3", "llama", "mistral")
+SUPPORTED_FAMILIES = ("qwen2", "qwen3", "llama", "mistral", "gemma2", "gemma3_text", "phi3")
 REQUIRED_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
                    "num_attention_heads", "vocab_size")
 # peft's default LoRA targets (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
 DEFAULT_LORA_TARGETS = {"qwen2": ("q_proj", "v_proj"), "qwen3": ("q_proj", "v_proj"),
-                        "llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj")}
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+                        "llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"),
+                        "gemma2": ("q_proj", "v_proj"), "gemma3_text": ("q_proj", "v_proj")}  # phi3: none
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                "qkv_proj", "gate_up_proj")  # the last two: Phi-3's fused projections
 _DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "auto": 2}
 
 
@@ -105,7 +107,14 @@ class ModelShape:
     attention_bias: bool  # q/k/v biases (Qwen2 always; Llama when attention_bias)
     o_bias: bool
     mlp_bias: bool
-    qk_norm: bool  # Qwen3: RMSNorm over each head of q and k
+    qk_norm: bool  # Qwen3, Gemma 3: RMSNorm over each head of q and k
+    # per family (memtune.families): Phi-3's fused projections, Gemma's four norms a layer
+    # (before and after attention and MLP), attention-logit and final-logit softcaps (Gemma 2)
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
+    layer_norms: int = 2
+    attention_softcap: float | None = None
+    final_softcap: float | None = None
 
     @property
     def q_dim(self) -> int:
@@ -118,19 +127,17 @@ class ModelShape:
     def layer_linears(self) -> list[Linear]:
         """The nn.Linear modules of one decoder layer: (name, in, out, bias)."""
         h, i = self.hidden, self.intermediate
-        return [
-            Linear("q_proj", h, self.q_dim, self.attention_bias),
-            Linear("k_proj", h, self.kv_dim, self.attention_bias),
-            Linear("v_proj", h, self.kv_dim, self.attention_bias),
-            Linear("o_proj", self.q_dim, h, self.o_bias),
-            Linear("gate_proj", h, i, self.mlp_bias),
-            Linear("up_proj", h, i, self.mlp_bias),
-            Linear("down_proj", i, h, self.mlp_bias),
-        ]
+        qkv = ([Linear("qkv_proj", h, self.q_dim + 2 * self.kv_dim, self.attention_bias)] if self.fused_qkv else
+               [Linear("q_proj", h, self.q_dim, self.attention_bias),
+                Linear("k_proj", h, self.kv_dim, self.attention_bias),
+                Linear("v_proj", h, self.kv_dim, self.attention_bias)])
+        gate_up = ([Linear("gate_up_proj", h, 2 * i, self.mlp_bias)] if self.fused_gate_up else
+                   [Linear("gate_proj", h, i, self.mlp_bias), Linear("up_proj", h, i, self.mlp_bias)])
+        return [*qkv, Linear("o_proj", self.q_dim, h, self.o_bias), *gate_up, Linear("down_proj", i, h, self.mlp_bias)]
 
     def total_params(self) -> int:
         linears = sum(l.in_features * l.out_features + (l.out_features if l.bias else 0) for l in self.layer_linears())
-        norms = 2 * self.hidden + (2 * self.head_dim if self.qk_norm else 0)
+        norms = self.layer_norms * self.hidden + (2 * self.head_dim if self.qk_norm else 0)
         embed = self.vocab * self.hidden
         return self.layers * (linears + norms) + self.hidden + embed * (1 if self.tie_embeddings else 2)
 
@@ -153,6 +160,9 @@ def model_shape(config: dict[str, Any], source: str = "model config") -> ModelSh
             f"{source}: model_type '{family}' is not a family the estimator knows; supported: "
             f"{', '.join(SUPPORTED_FAMILIES)} (Llama-style decoders with a gated MLP)"
         )
+    from memtune.families import FAMILIES, features
+
+    family_traits, feats = FAMILIES.get(family), features(config)
     try:
         hidden = int(config["hidden_size"])
         heads = int(config["num_attention_heads"])
@@ -168,11 +178,16 @@ def model_shape(config: dict[str, Any], source: str = "model config") -> ModelSh
             head_dim=head_dim,
             vocab=int(config["vocab_size"]),
             max_positions=int(config.get("max_position_embeddings") or 0),
-            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+            tie_embeddings=feats.tied_embeddings,
             attention_bias=family == "qwen2" or bool(config.get("attention_bias", False)),
             o_bias=family != "qwen2" and bool(config.get("attention_bias", False)),
             mlp_bias=bool(config.get("mlp_bias", False)),
-            qk_norm=family == "qwen3",
+            qk_norm=bool(family_traits and family_traits.qk_norm),
+            fused_qkv=bool(family_traits and family_traits.fused_qkv),
+            fused_gate_up=bool(family_traits and family_traits.fused_gate_up),
+            layer_norms=4 if family in ("gemma2", "gemma3_text") else 2,
+            attention_softcap=feats.attn_softcap,
+            final_softcap=feats.final_softcap,
         )
     except (TypeError, ValueError) as exc:
         raise UserError(f"{source}: a shape field is not an integer ({exc})") from None
@@ -298,7 +313,7 @@ def unquantized_weight_bytes(shape: ModelShape, dtype_bytes: int) -> dict[str, i
     biases      sum of the linear biases x dtype
     """
     embed = _round(shape.vocab * shape.hidden * dtype_bytes)
-    norm_tensors = [shape.hidden] * (2 * shape.layers + 1)
+    norm_tensors = [shape.hidden] * (shape.layer_norms * shape.layers + 1)
     if shape.qk_norm:
         norm_tensors += [shape.head_dim] * (2 * shape.layers)
     biases = [lin.out_features for lin in shape.layer_linears() if lin.bias] * shape.layers
@@ -315,6 +330,9 @@ def unquantized_weight_bytes(shape: ModelShape, dtype_bytes: int) -> dict[str, i
 def lora_target_linears(shape: ModelShape, targets: Any) -> list[Linear]:
     """The linears of one layer that get a LoRA adapter ('default', 'all-linear' or names)."""
     if targets == "default":
+        if shape.family not in DEFAULT_LORA_TARGETS:
+            raise UserError(f"lora_targets: peft has no default target modules for '{shape.family}'; "
+                            f"give all-linear or a list")
         names = set(DEFAULT_LORA_TARGETS[shape.family])
     elif targets == "all-linear":
         names = set(LINEAR_NAMES)
@@ -353,7 +371,7 @@ def trainable_tensors(shape: ModelShape, cfg: RunConfig) -> tuple[list[int], int
         tensors.append(lin.in_features * lin.out_features)
         if lin.bias:
             tensors.append(lin.out_features)
-    tensors += [shape.hidden] * 2 + ([shape.head_dim] * 2 if shape.qk_norm else [])
+    tensors += [shape.hidden] * shape.layer_norms + ([shape.head_dim] * 2 if shape.qk_norm else [])
     tensors *= shape.layers
     tensors += [shape.hidden, shape.vocab * shape.hidden]
     if not shape.tie_embeddings:
@@ -435,8 +453,9 @@ def lora_saved_per_token(in_features: int, rank: int, dropout: float, device: st
 
 # Adapted linears that read the same input tensor (q/k/v read the attention norm's
 # output, gate/up the MLP norm's); o_proj reads the attention output, which SDPA keeps anyway.
-_SHARED_INPUT = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in",
-                 "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in"}
+_SHARED_INPUT = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "qkv_proj": "attn_in",
+                 "gate_proj": "mlp_in", "up_proj": "mlp_in", "gate_up_proj": "mlp_in", "down_proj": "down_in"}
+_MLP_LINEARS = ("gate_proj", "up_proj", "gate_up_proj", "down_proj")
 
 
 def lora_layer_saved_per_token(shape: ModelShape, cfg: RunConfig, dtype_bytes: int, device: str = "cuda",
@@ -521,6 +540,14 @@ def mlp_saved_per_token(shape: ModelShape, dtype_bytes: int, tiled: bool, fused:
     return (2 if fused else 3) * dtype_bytes * shape.intermediate
 
 
+def runs_eager_attention(cfg: RunConfig, shape: ModelShape, device: str) -> bool:
+    """Eager attention ([heads, L, L] scores): asked for, or a softcapped family (Gemma 2) where
+    flex_attention is not used (memtune.families.attention_implementation: off CUDA). On CUDA
+    flex_attention keeps what SDPA's flash kernel keeps (q, k, v, out, log-sum-exp)."""
+    return cfg.attention == "eager" or (cfg.attention == "auto" and shape.attention_softcap is not None
+                                        and device != "cuda")
+
+
 def layer_saved_per_token(shape: ModelShape, cfg: RunConfig, dtype_bytes: int, seq_len: int,
                           device: str = "cuda") -> dict[str, int]:
     """Everything one decoder layer's forward keeps for its backward, bytes per token, by part."""
@@ -528,8 +555,9 @@ def layer_saved_per_token(shape: ModelShape, cfg: RunConfig, dtype_bytes: int, s
     tiled = tiles_mlp(cfg, seq_len)
     fused = fuses_elementwise(cfg, device)
     parts = {
-        "norms": 2 * rmsnorm_saved_per_token(shape.hidden, full_ft, dtype_bytes, fused),
-        "attention": (eager_attention_saved_per_token(shape, seq_len, dtype_bytes) if cfg.attention == "eager"
+        "norms": shape.layer_norms * rmsnorm_saved_per_token(shape.hidden, full_ft, dtype_bytes, fused),
+        "attention": (eager_attention_saved_per_token(shape, seq_len, dtype_bytes)
+                      if runs_eager_attention(cfg, shape, device)
                       else flash_attention_saved_per_token(shape, dtype_bytes)),
         "qk_norm": qk_norm_saved_per_token(shape, dtype_bytes, full_ft, fused),
         "mlp": mlp_saved_per_token(shape, dtype_bytes, tiled, fused),
@@ -540,7 +568,7 @@ def layer_saved_per_token(shape: ModelShape, cfg: RunConfig, dtype_bytes: int, s
         # the tiled MLP runs under no_grad in the forward: its linears keep nothing
         parts["projection_inputs"] -= dtype_bytes * (shape.hidden + shape.intermediate)
     if cfg.lora:
-        only = ("q_proj", "k_proj", "v_proj", "o_proj") if tiled else None
+        only = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj") if tiled else None
         parts["lora"] = lora_layer_saved_per_token(shape, cfg, dtype_bytes, device, only)
     return parts
 
@@ -551,7 +579,7 @@ def mlp_chunk_saved_per_token(shape: ModelShape, cfg: RunConfig, dtype_bytes: in
     if cfg.quantization == "int8" or not cfg.lora:
         per_token += dtype_bytes * (shape.hidden + shape.intermediate)
     if cfg.lora:
-        per_token += lora_layer_saved_per_token(shape, cfg, dtype_bytes, device, ("gate_proj", "up_proj", "down_proj"))
+        per_token += lora_layer_saved_per_token(shape, cfg, dtype_bytes, device, _MLP_LINEARS)
     return per_token
 
 
@@ -585,7 +613,7 @@ def dequantized_once_extra_bytes(shape: ModelShape, cfg: RunConfig, dtype_bytes:
     if cfg.offloads_checkpoints:
         held = shape.layer_linears()
     elif tiles_mlp(cfg, seq):
-        held = [lin for lin in shape.layer_linears() if lin.name in ("gate_proj", "up_proj", "down_proj")]
+        held = [lin for lin in shape.layer_linears() if lin.name in _MLP_LINEARS]
     else:
         return 0
     return _dequantized_bytes(held, dtype_bytes) - dequantized_weight_bytes(shape, cfg, dtype_bytes)
@@ -625,10 +653,13 @@ def chunked_loss_bytes(shape: ModelShape, tokens: int, cfg: RunConfig, dtype_byt
     cap = cap - cap % 64 if cap >= 64 else max(cap, 1)
     chunk = min(cfg.loss_chunk_tokens, cap, tokens)
     if cfg.fuse_loss and device == "cuda":  # compiled chunk: logits and their gradient in the dtype, no fp32 copy
-        buffers = 1 if cfg.loss_kernel == "triton" else 2
+        # a softcapped loss (Gemma 2) runs the compiled kernel, not the Triton one
+        buffers = 1 if cfg.loss_kernel == "triton" and shape.final_softcap is None else 2
         chunk_bytes = buffers * _round(chunk * shape.vocab * dtype_bytes)
     else:
         chunk_bytes = _round(chunk * shape.vocab * 4) + _round(chunk * shape.vocab * dtype_bytes)
+        if shape.final_softcap is not None:  # 1 - tanh^2 of the chunk, fp32, for the gradient
+            chunk_bytes += _round(chunk * shape.vocab * 4)
     return {"grad_hidden": _round(tokens * shape.hidden * dtype_bytes), "chunk": chunk_bytes}
 
 
@@ -932,3 +963,8 @@ def compare_to_measurements(rows: Iterable[dict[str, Any]]) -> str:
                      f"{max(errors):.1f}%; within 5%: {sum(e <= 5 for e in errors)}, within 10%: "
                      f"{sum(e <= 10 for e in errors)}")
     return "\n".join(lines)
+
+
+from memtune._callable_module import make_callable  # noqa: E402 - memtune.estimate(...) is the API function
+
+make_callable(__name__)

@@ -208,7 +208,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 del logits
                 cap_grad = None
                 if softcap is not None:  # z = s * tanh(z / s); 1 - tanh^2 kept for the gradient
-                    t = z.div(softcap).tanh_()
+                    t = z.div_(softcap).tanh_()  # in place: z is this chunk's own fp32 copy
                     z = t.mul(softcap)
                     cap_grad = t.mul_(t).neg_().add_(1)
                     del t
