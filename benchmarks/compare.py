@@ -52,8 +52,9 @@ sys.path[:0] = [str(ROOT / "src"), str(HERE)]
 
 # the parent process imports no torch: records, reports and the stacks' registry only
 from child_process import run_logged, tail  # noqa: E402
-from compare_records import (DEFAULT_GRAD_REFERENCE, append_record, latest_records, load_records,  # noqa: E402
-                             loss_agreement, median_after_warmup, ratio_section, search_summary, summary_line)
+from compare_records import (DEFAULT_GRAD_REFERENCE, append_record, check_rounds, finish_record,  # noqa: E402
+                             latest_records, load_records, loss_agreement, median_after_warmup, ratio_section,
+                             search_summary)
 from compare_report import write_reports  # noqa: E402
 from compare_worker import gradient_errors, lora_key, set_common_lora_weights, worker  # noqa: E402,F401
 from memtune.config import parse_memory_size  # noqa: E402
@@ -106,15 +107,7 @@ def run_one(args: argparse.Namespace, stack: str, seq_len: int, model_dir: Path,
         memtune_stack.fill_record(record, work / "run" / "metrics.json", code, tail(log, 20000))
     else:
         _fill_from_worker(record, work / "result.json", code, log, args.warmup)
-    if code is None:
-        record["status"] = "timeout"
-        record["error"] = f"killed after {args.timeout:.0f}s"
-    if record["status"] != "ok":
-        record.setdefault("log_tail", tail(log))
-    record["log"] = str(log)
-    append_record(args.out, record)
-    print(f"compare: {stack} @ {seq_len}: {summary_line(record)}", flush=True)
-    return record
+    return finish_record(record, code, log, args.timeout, args.out, "compare")
 
 
 def _command(args: argparse.Namespace, record: dict, model_dir: Path, work: Path) -> tuple[list[str], bool]:
@@ -290,10 +283,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [s for s in [*args.stack_list, args.grad_reference] if s not in known]
     if unknown:
         p.error(f"--stacks: unknown {', '.join(unknown)}")
-    if args.steps <= args.warmup:
-        p.error("--steps must exceed --warmup")
-    if args.repeat < 1:
-        p.error("--repeat must be at least 1")
+    check_rounds(p, args)
     args.out = args.out.resolve()
     return args
 

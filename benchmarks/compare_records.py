@@ -46,6 +46,28 @@ def append_record(path: Path, record: dict) -> None:
     write_json_atomic(path, records)
 
 
+def finish_record(record: dict, code: int | None, log: Path, timeout: float, out: Path, who: str) -> dict:
+    """A run's record after its child exited (`code` None: killed at `timeout`): appended to `out`, one line printed."""
+    from child_process import tail
+
+    if code is None:
+        record.update(status="timeout", error=f"killed after {timeout:.0f}s")
+    if record["status"] != "ok":
+        record.setdefault("log_tail", tail(log))
+    record["log"] = str(log)
+    append_record(out, record)
+    print(f"{who}: {record['stack']} @ {record['seq_len']}: {summary_line(record)}", flush=True)
+    return record
+
+
+def check_rounds(parser, args) -> None:
+    """--steps, --warmup and --repeat as both comparisons take them."""
+    if args.steps <= args.warmup:
+        parser.error("--steps must exceed --warmup")
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+
+
 def median_after_warmup(times: list[float], warmup: int) -> float | None:
     if not times:
         return None

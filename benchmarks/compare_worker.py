@@ -16,7 +16,7 @@ import time
 import traceback
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import stacks
 from compare_records import write_json_atomic
@@ -29,9 +29,14 @@ OTHER_PACKAGES = ("unsloth", "trl")  # recorded beside memtune's own
 
 def worker(spec: dict) -> int:
     """Run one stack as `spec` says; write the result JSON to spec['result']; exit 0, 1 (error) or 3 (OOM)."""
+    return report_result(spec, _worker_run)
+
+
+def report_result(spec: dict, run: Callable[[dict], dict]) -> int:
+    """`run(spec)`'s result, or its error (an out-of-memory is a result), written to spec['result']."""
     result: dict[str, Any] = {"status": "error"}
     try:
-        result.update(_worker_run(spec))
+        result.update(run(spec))
         result["status"] = "ok"
         code = 0
     except BaseException as exc:  # noqa: BLE001 - everything is reported in the record

@@ -32,7 +32,6 @@ import shlex
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +40,8 @@ ROOT = HERE.parent
 sys.path[:0] = [str(ROOT / "src"), str(HERE)]
 
 from child_process import run_logged, tail  # noqa: E402
-from compare_records import (append_record, fmt, gb, latest_records, load_records, median_after_warmup,  # noqa: E402
-                             ratio_section, summary_line, write_json_atomic)
+from compare_records import (append_record, check_rounds, finish_record, fmt, gb, latest_records,  # noqa: E402,F401
+                             load_records, median_after_warmup, ratio_section)
 from memtune.config import write_text_atomic  # noqa: E402
 from memtune.provenance import now_iso  # noqa: E402
 from shared_model import PRESETS, prepare_model_dir, random_batches  # noqa: E402
@@ -182,21 +181,9 @@ def token_dataset(spec: dict, tokenizer):
 
 
 def worker(spec: dict) -> int:
-    result: dict[str, Any] = {"status": "error"}
-    try:
-        result.update(train_with_sft(spec))
-        result["status"] = "ok"
-        code = 0
-    except BaseException as exc:  # noqa: BLE001 - everything is reported in the record
-        from compare_worker import is_oom
+    from compare_worker import report_result
 
-        oom = is_oom(exc)
-        result.update(status="oom" if oom else "error", error=f"{type(exc).__name__}: {str(exc)[:2000]}")
-        if not oom:
-            result["traceback"] = traceback.format_exc()[-4000:]
-        code = 3 if oom else 1
-    write_json_atomic(Path(spec["result"]), result)
-    return code
+    return report_result(spec, train_with_sft)
 
 
 # =========================================================================== parent side
@@ -229,14 +216,7 @@ def run_stack(args: argparse.Namespace, stack: str, model_dir: Path, repeat: dic
     code, rss = run_logged(cmd, ROOT, log, args.timeout)
     record.update(wall_s=round(time.perf_counter() - started, 1), peak_host_rss_bytes=rss, exit_code=code)
     fill_record(record, work / "result.json", code, tail(log, 20000), args.warmup)
-    if code is None:
-        record.update(status="timeout", error=f"killed after {args.timeout:.0f}s")
-    if record["status"] != "ok":
-        record.setdefault("log_tail", tail(log))
-    record["log"] = str(log)
-    append_record(args.out, record)
-    print(f"trainer: {stack} @ {args.seq_len}: {summary_line(record)}", flush=True)
-    return record
+    return finish_record(record, code, log, args.timeout, args.out, "trainer")
 
 
 def fill_record(record: dict, path: Path, code: int | None, log_tail: str, warmup: int) -> None:
@@ -352,10 +332,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [s for s in args.stack_list if s not in STACKS]
     if unknown or not args.stack_list:
         p.error(f"--stacks: expected a comma list of {', '.join(STACKS)}; got {args.stacks!r}")
-    if args.steps <= args.warmup:
-        p.error("--steps must exceed --warmup")
-    if args.repeat < 1 or args.seq_len < 2:
-        p.error("--repeat must be at least 1 and --seq-len at least 2")
+    check_rounds(p, args)
+    if args.seq_len < 2:
+        p.error("--seq-len must be at least 2")
     max_positions = PRESETS[args.preset]["config"]["max_position_embeddings"]
     if args.seq_len > max_positions:
         p.error(f"--seq-len {args.seq_len} is longer than the {args.preset} shape's {max_positions} positions")
