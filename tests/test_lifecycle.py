@@ -281,3 +281,18 @@ def test_full_fine_tuning_resumes_bitwise_from_a_saved_model(tmp_path):
     ours = load_file(str(part / "model" / "model.safetensors"))
     theirs = load_file(str(whole / "model" / "model.safetensors"))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_resume_on_changed_data_is_refused(tmp_path):
+    from memtune.errors import UserError
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"a short line number {i}"}) + "\n" for i in range(8)))
+    cfg = RunConfig(data=str(data), seq_len=32, quantization="none", compute_dtype="fp32", eval=False, device="cpu",
+                    steps=2, checkpoint_every=1)
+    out = tmp_path / "run"
+    train.run(cfg, out, log=lambda _: None, progress=False)
+    data.write_text(data.read_text().replace("number 3", "number three"))  # same size, other tokens
+    with pytest.raises(UserError, match=r"^resume: the training data are not those of .*step-2"):
+        train.run(cfg.replace(steps=3), out, log=lambda _: None, progress=False,
+                  resume_from=checkpoint.latest(out, print))

@@ -65,11 +65,16 @@ def given_values(args: Any) -> dict[str, Any]:
     return values
 
 
-def check_resolved(found: checkpoint.Checkpoint, cfg: RunConfig, data_digest: str) -> None:
-    """After setup: the same data and the same resolved step count as the checkpoint's run."""
+def check_resolved(found: checkpoint.Checkpoint, cfg: RunConfig, data_digest: str, bundle_train: list) -> None:
+    """After setup: the same data, data position and a step count not before the checkpoint's."""
     if data_digest != found.meta["data_sha256"]:
         raise UserError(f"resume: the training data are not those of {found.path} (a data file changed?); "
                         f"start a new run with another --out")
+    position = found.meta["data_position"]
+    epoch, index = divmod(position["batches"] * cfg.batch_size, len(bundle_train))
+    if (epoch, index) != (position["epoch"], position["index"]):
+        raise UserError(f"resume: batch_size {cfg.batch_size} does not reach the data position of {found.path} "
+                        f"(epoch {position['epoch']}, example {position['index']}); start a new run with another --out")
     if cfg.steps < found.step:
         raise UserError(f"steps: {cfg.steps} is before the checkpoint's step {found.step} ({found.path}); "
                         f"expected at least {found.step}")

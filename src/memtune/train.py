@@ -337,7 +337,7 @@ def run(cfg: RunConfig, out_dir: Path, log: Callable[[str], None] = print, progr
     session = setup(cfg, log)
     files = RunFiles(out_dir, requested, resume.data_sha256(session.bundle))
     if resume_from is not None:
-        resume.check_resolved(resume_from, session.cfg, files.data_sha256)
+        resume.check_resolved(resume_from, session.cfg, files.data_sha256, session.bundle.train)
     # Only now, with the model and data known good, does the run directory appear.
     out_dir.mkdir(parents=True, exist_ok=True)
     save_yaml(session.cfg, out_dir / "config.yaml")  # resolved: auto values filled in
