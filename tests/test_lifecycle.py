@@ -296,3 +296,20 @@ def test_a_resume_on_changed_data_is_refused(tmp_path):
     with pytest.raises(UserError, match=r"^resume: the training data are not those of .*step-2"):
         train.run(cfg.replace(steps=3), out, log=lambda _: None, progress=False,
                   resume_from=checkpoint.latest(out, print))
+
+
+def test_checkpoint_keep_0_leaves_no_checkpoint_once_the_run_has_finished(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"a short line number {i}"}) + "\n" for i in range(8)))
+    cfg = RunConfig(data=str(data), seq_len=32, quantization="none", compute_dtype="fp32", eval=False, device="cpu",
+                    steps=3, checkpoint_every=1, checkpoint_keep=0)
+    out = tmp_path / "run"
+    seen = []
+    original = checkpoint.prune
+    with pytest.MonkeyPatch.context() as patch:  # while it runs, the newest checkpoint is always there
+        patch.setattr(checkpoint, "prune", lambda *a, **k: (original(*a, **k),
+                                                            seen.append(sorted(p.name for p in
+                                                                               (out / "checkpoints").iterdir()))))
+        train.run(cfg, out, log=lambda _: None, progress=False)
+    assert seen == [["step-1"], ["step-2"], ["step-3"]]
+    assert not (out / "checkpoints").exists() and (out / "adapter").is_dir()
