@@ -85,6 +85,9 @@ NUMBER_CASES = [
     (["train", "--lora-rank", "10000000000"], f"lora_rank: expected at most {TINY_LIMIT} for tiny"),
     (["train", "--lora-rank", "129", "--lora-targets", "q_proj"], "lora_rank: expected at most 128"),
     (["eval", "--lora-rank", "10000000000"], f"lora_rank: expected at most {TINY_LIMIT}"),
+    (["estimate", "--lora-rank", "10000000000"], f"lora_rank: expected at most {TINY_LIMIT} for tiny"),
+    (["estimate", "--model", "llama-3.1-8b", "--lora-rank", "1025", "--lora-targets", "k_proj"],
+     "lora_rank: expected at most 1024"),  # 8 kv heads x 128
 ]
 
 
@@ -102,6 +105,25 @@ def test_every_float_field_refuses_non_finite_values_by_name(name, value, capsys
     code = main(["estimate", "--" + name.replace("_", "-"), value])
     line = one_line(capsys, code, 2, f"{name}: expected a finite number")
     assert line.count("expected") == 1  # no other field blamed
+
+
+@pytest.mark.parametrize("model", ["tiny", "llama-3.2-1b", "qwen3-1.7b"])
+@pytest.mark.parametrize("targets", ["default", "all-linear", ("o_proj", "down_proj")])
+def test_the_rank_bound_of_the_built_model_and_of_the_estimator_agree(model, targets):
+    """train checks the meta-device model, estimate the estimator's shapes: the same limit for both."""
+    from memtune import bounds
+    from memtune.estimate import load_model_config, model_shape
+
+    cfg = RunConfig(model=model, random_init=True, lora_targets=targets)
+    built = bounds.lora_rank_limit(bounds.meta_model(cfg), bounds._targets(cfg, load_model_config(model)["model_type"]))
+    for rank, refused in ((built.rank, False), (built.rank + 1, True)):
+        for check in (lambda c: bounds.check_lora_rank(c), lambda c: bounds.check_lora_rank_for_shape(
+                c, model_shape(load_model_config(model)))):
+            if refused:
+                with pytest.raises(bounds.UserError, match=f"lora_rank: expected at most {built.rank} "):
+                    check(cfg.replace(lora_rank=rank))
+            else:
+                check(cfg.replace(lora_rank=rank))
 
 
 def test_non_finite_yaml_values_name_the_field(tmp_path, capsys):
@@ -440,3 +462,11 @@ def test_merge_writes_a_new_directory_and_overwrite_replaces_only_its_files(fini
     assert listing(target)["model.safetensors"] == listing(fresh)["model.safetensors"]
     assert AutoModelForCausalLM.from_pretrained(str(target)).config.hidden_size == 128
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "merged"]
+
+
+def test_a_diverged_loss_is_one_line_and_leaves_no_result(tmp_path, data_file, capsys):
+    out = tmp_path / "run"
+    code = main(["train", *FAST, "--steps", "3", "--learning-rate", "1e30", "--data", data_file, "--out", str(out)])
+    run_dir.unlock(out)
+    one_line(capsys, code, 2, "loss became nan at step")
+    assert (out / "config.yaml").is_file() and not (out / "metrics.json").exists()  # not a result

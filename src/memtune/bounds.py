@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
-
 from memtune.config import RunConfig
 from memtune.errors import UserError
 
@@ -23,7 +21,7 @@ class RankLimit:
     module: str  # the narrowest adapted module (its name in the model)
 
 
-def meta_model(cfg: RunConfig) -> nn.Module:
+def meta_model(cfg: RunConfig) -> Any:
     """The model of `cfg` with its parameters on the meta device (shapes only, no memory)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -53,7 +51,9 @@ def _targets(cfg: RunConfig, model_type: str) -> list[str] | str | None:
     return list(cfg.lora_targets) if isinstance(cfg.lora_targets, tuple) else [cfg.lora_targets]
 
 
-def _width(module: nn.Module) -> int | None:
+def _width(module: Any) -> int | None:
+    from torch import nn
+
     if isinstance(module, nn.Embedding):
         return min(module.num_embeddings, module.embedding_dim)
     in_features, out_features = getattr(module, "in_features", None), getattr(module, "out_features", None)
@@ -62,9 +62,11 @@ def _width(module: nn.Module) -> int | None:
     return None
 
 
-def lora_rank_limit(model: nn.Module, targets: Any) -> RankLimit | None:
+def lora_rank_limit(model: Any, targets: Any) -> RankLimit | None:
     """The smallest width among the modules `targets` selects, matched as peft matches a list of names
     (the full name, or its end after a dot); 'all-linear' is every linear but the output layer."""
+    from torch import nn
+
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     best: RankLimit | None = None
     for name, module in model.named_modules():
@@ -78,13 +80,29 @@ def lora_rank_limit(model: nn.Module, targets: Any) -> RankLimit | None:
     return best
 
 
-def check_lora_rank(cfg: RunConfig, model: nn.Module | None = None) -> None:
+def check_lora_rank(cfg: RunConfig, model: Any = None) -> None:
     """UserError (one line) when lora_rank exceeds the smallest adapted layer's width."""
     if not cfg.lora:
         return
     model = model if model is not None else meta_model(cfg)
     targets = _targets(cfg, getattr(model.config, "model_type", ""))
-    limit = lora_rank_limit(model, targets) if targets is not None else None
+    _refuse_above(cfg, lora_rank_limit(model, targets) if targets is not None else None)
+
+
+def check_lora_rank_for_shape(cfg: RunConfig, shape: Any) -> None:
+    """The same bound from the estimator's ModelShape (memtune.estimate), for verbs that build no model."""
+    if not cfg.lora:
+        return
+    from memtune.estimate import lora_target_linears
+
+    linears = lora_target_linears(shape, cfg.lora_targets)
+    narrowest = min(linears, key=lambda lin: min(lin.in_features, lin.out_features), default=None)
+    if narrowest is not None:
+        width = min(narrowest.in_features, narrowest.out_features)
+        _refuse_above(cfg, RankLimit(width, f"each layer's {narrowest.name}"))
+
+
+def _refuse_above(cfg: RunConfig, limit: RankLimit | None) -> None:
     if limit is not None and cfg.lora_rank > limit.rank:
         raise UserError(f"lora_rank: expected at most {limit.rank} for {cfg.model} (the width of {limit.module}, "
                         f"the narrowest adapted layer: a larger rank adds nothing); got {cfg.lora_rank}")

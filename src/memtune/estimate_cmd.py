@@ -15,10 +15,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from memtune.estimate import estimate_memory, format_estimate
+    from memtune.bounds import check_lora_rank_for_shape
+    from memtune.estimate import estimate_memory, format_estimate, load_model_config, model_shape
 
     cfg = config_from_args(args)
-    estimate = estimate_memory(cfg)
+    model_config = load_model_config(cfg.model)
+    check_lora_rank_for_shape(cfg, model_shape(model_config, cfg.model))  # a rank no layer can hold
+    estimate = estimate_memory(cfg, model_config)
     if args.json:
         print(json.dumps(estimate.to_dict(), indent=2))
     else:

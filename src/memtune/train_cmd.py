@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return stop.exit_code
     except FloatingPointError as exc:  # the loss diverged: the run's settings, not a bug
-        raise UserError(str(exc).splitlines()[0]) from None
+        raise UserError(_diverged(str(exc).splitlines()[0], cfg)) from None
     except (RuntimeError, MemoryError) as exc:
         if not is_out_of_memory(exc):
             raise
@@ -89,6 +89,19 @@ def _record_failure(out_dir: Path, cfg: RunConfig, status: str, exc: BaseExcepti
     metrics.update(measure.peak_memory(device))
     metrics["traceback_tail"] = traceback.format_exc().splitlines()[-3:]
     write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+
+
+# LoRA's update is scaled by lora_alpha / lora_rank; peft's and memtune's defaults give 2. Far above
+# it the adapter's first steps blow up the loss at any learning rate, so the message names alpha too.
+_LARGE_LORA_SCALE = 64
+
+
+def _diverged(message: str, cfg: RunConfig) -> str:
+    scale = cfg.lora_alpha / cfg.lora_rank
+    if cfg.lora and scale > _LARGE_LORA_SCALE:
+        return (f"{message} (now {cfg.learning_rate:g}), or lora_alpha: lora_alpha / lora_rank = {scale:g} scales "
+                f"the adapter's update (the defaults give 2)")
+    return f"{message} (now {cfg.learning_rate:g})"
 
 
 def _first_line(exc: BaseException) -> str:
