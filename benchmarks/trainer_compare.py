@@ -159,6 +159,7 @@ def train_with_sft(spec: dict) -> dict:
     timer = step_timer(device)
     trainer = SFTTrainer(model=model, args=sft_config(spec, cuda, Path(spec["work"]) / "trainer"),
                          train_dataset=dataset, processing_class=tokenizer, callbacks=[timer])
+    info["loss_forward"] = forward_name(model)
     if cuda:
         info["model_allocated_bytes"] = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -169,6 +170,15 @@ def train_with_sft(spec: dict) -> dict:
     info["losses"] = timer.losses
     info["step_times_s"] = timer.times
     return info
+
+
+def forward_name(model) -> str:
+    """Whose forward the causal LM runs once SFTTrainer is built: TRL (1.15 and later) puts its own fused
+    LM head over the one memtune.apply installed, so the record says which loss trained."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    forward = getattr(lm.forward, "__func__", lm.forward)
+    code = getattr(forward, "__code__", None)
+    return f"{forward.__module__}.{code.co_qualname}" if code is not None else repr(forward)
 
 
 def token_dataset(spec: dict, tokenizer):
@@ -191,7 +201,7 @@ def worker(spec: dict) -> int:
 
 RESULT_KEYS = ("gpu_name", "versions", "git_commit", "peak_allocated_bytes", "peak_reserved_bytes",
                "model_allocated_bytes", "trainable_params", "losses", "step_times_s", "applied", "skipped",
-               "error", "traceback")
+               "loss_forward", "error", "traceback")
 
 
 def run_stack(args: argparse.Namespace, stack: str, model_dir: Path, repeat: dict | None) -> dict:
@@ -290,7 +300,8 @@ def _apply_lines(rows: list[dict]) -> list[str]:
     if ours is None:
         return []
     lines = ["", "## memtune.apply", "", f"options: `{ours.get('apply_options') or {}}`", "",
-             "applied: " + (", ".join(ours["applied"]) or "none")]
+             "applied: " + (", ".join(ours["applied"]) or "none"),
+             f"the causal LM's forward under SFTTrainer: `{ours.get('loss_forward', '-')}`", ""]
     lines += [f"- skipped {name}: {why}" for name, why in sorted((ours.get("skipped") or {}).items())]
     return lines
 

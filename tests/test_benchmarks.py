@@ -169,4 +169,5 @@ def test_trainer_compare_memtune_side_on_a_tiny_cpu_model(tmp_path):
     assert code == 0, record.get("error")
     assert record["status"] == "ok" and len(record["step_times_s"]) == 3 and len(record["losses"]) == 3
     assert record["tokens_per_s"] > 0 and isinstance(record["applied"], list)
+    assert record["loss_forward"].endswith("forward")  # whose: TRL's fused LM head or memtune's loss
     assert out.with_suffix(".md").is_file()
