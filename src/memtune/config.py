@@ -201,11 +201,11 @@ class RunConfig:
     # fraction); empty = the whole card. Used by `study` to play a small card.
     gpu_memory: str = ""
     # A validation loss (masked as training is) every val_every steps and at
-    # the end, on val_data (a file in the training data's format) or on a
-    # seeded val_split fraction of the training examples held out from training.
+    # the end, on the examples of this file (the training data's format).
     val_data: str = ""
+    # Or on this fraction of the training examples, held out (seeded) from training.
     val_split: float = 0.0
-    val_every: int = 0  # 0 = at each checkpoint
+    val_every: int = 0  # steps between validation losses; 0 = at each checkpoint
 
     # --- data --------------------------------------------------------------
     # "builtin" = the shipped arithmetic word-problem task; otherwise a path to
