@@ -178,7 +178,10 @@ def forward_name(model) -> str:
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     forward = getattr(lm.forward, "__func__", lm.forward)
     code = getattr(forward, "__code__", None)
-    return f"{forward.__module__}.{code.co_qualname}" if code is not None else repr(forward)
+    if code is None:
+        return repr(forward)
+    where = "/".join(Path(code.co_filename).parts[-3:])  # e.g. trl/trainer/utils.py (wraps() hides __module__)
+    return f"{where}:{code.co_qualname}"
 
 
 def token_dataset(spec: dict, tokenizer):
