@@ -346,3 +346,22 @@ def test_on_a_gpu_a_resumed_run_agrees_within_the_run_to_run_spread(tmp_path):
         Path(os.environ["MEMTUNE_RESUME_REPORT"]).write_text(json.dumps(report, indent=2))
     # within the spread two uninterrupted runs show (or 1e-3 of the loss, where the kernels repeat exactly)
     assert gap <= max(2 * spread, 1e-3 * abs(a[-1])), report
+
+
+def test_val_data_is_read_in_the_training_format_and_a_missing_file_is_one_line(tmp_path):
+    from transformers import AutoTokenizer
+
+    from memtune.data import load_data
+    from memtune.errors import UserError
+
+    tok = AutoTokenizer.from_pretrained(str(Path(train.__file__).parent / "assets" / "tiny"))
+    train_file, val_file = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    train_file.write_text("".join(json.dumps({"prompt": f"q{i} ", "completion": "yes"}) + "\n" for i in range(6)))
+    val_file.write_text("".join(json.dumps({"prompt": f"v{i} ", "completion": "no"}) + "\n" for i in range(3)))
+    cfg = RunConfig(data=str(train_file), val_data=str(val_file), eval=False, seq_len=32)
+    bundle = load_data(cfg, tok, 256)
+    assert len(bundle.train) == 6 and len(bundle.val) == 3
+    prompt_ids = tok("v0 ", add_special_tokens=False)["input_ids"]
+    assert bundle.val[0].labels[:len(prompt_ids)] == [-100] * len(prompt_ids)  # masked as training is
+    with pytest.raises(UserError, match=r"^val_data: file not found: .*nope\.jsonl$"):
+        load_data(cfg.replace(val_data=str(tmp_path / "nope.jsonl")), tok, 256)
