@@ -18,6 +18,11 @@ the same random tokens):
   memtune         `python -m memtune train` with its defaults (plus --memtune-args)
   NAME            a memtune variant declared with --variant NAME="--flag value ..."
 
+Each stack other than memtune's is one module in benchmarks/stacks/; all of them train in one
+measuring loop (compare_worker.py); records and reports are compare_records.py and
+compare_report.py. Scenario files (benchmarks/scenarios/, run_scenario.py) hold the runs of each
+experiment.
+
 Each run is a subprocess (a fresh CUDA context, the GPU cap applied inside it,
 a per-run timeout, the host peak RSS taken from the kernel via wait4). Records
 are appended to --out (JSON list, written atomically after every run; earlier
