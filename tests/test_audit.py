@@ -470,3 +470,22 @@ def test_a_diverged_loss_is_one_line_and_leaves_no_result(tmp_path, data_file, c
     run_dir.unlock(out)
     one_line(capsys, code, 2, "loss became nan at step")
     assert (out / "config.yaml").is_file() and not (out / "metrics.json").exists()  # not a result
+
+
+def test_a_study_retry_starts_over_in_a_directory_a_killed_attempt_left(tmp_path, data_file):
+    """A study reruns a killed run in the same directory: the attempt's files (checkpoints too) move aside."""
+    from memtune.config import save_yaml
+    from memtune.study import Runner
+
+    directory = tmp_path / "runs" / "abc"
+    (directory / "checkpoints" / "step-1").mkdir(parents=True)
+    (directory / "config.yaml").write_text("lora_rank: 999\n")
+    (directory / "metrics.json").write_text('{"status": "ok"}')  # stale: must not pass for the retry's result
+    config = tmp_path / "abc.yaml"
+    save_yaml(RunConfig(data=data_file, steps=2, seq_len=64, eval=False, device="cpu", quantization="none",
+                        compute_dtype="fp32", warmup_steps=0, out=str(directory)), config)
+    outcome = Runner(timeout_s=300).run(config, directory)
+    assert outcome.status == "ok", outcome.error
+    aside = next(directory.glob(".previous-*"))
+    assert (aside / "config.yaml").read_text() == "lora_rank: 999\n" and (aside / "checkpoints" / "step-1").is_dir()
+    assert outcome.metrics["trainable_params"] > 0  # the retry's own result

@@ -144,6 +144,16 @@ def prepare(path: Path, overwrite: bool = False, resume: bool = False,
     return aside
 
 
+def set_aside(path: Path) -> Path | None:
+    """Move every run file in `path` aside, whatever state it is in; None when there was none.
+
+    For a caller that owns the directory and starts the run in it again (`memtune study` retrying a
+    run that failed, timed out or was killed): the new run finds it empty, the old attempt is kept.
+    """
+    present = inspect(path).run_files
+    return move_aside(path, present) if present else None
+
+
 def move_aside(path: Path, names: tuple[str, ...]) -> Path:
     """Move `names` (and their `.NAME.tmp` leftovers) from `path` into a new `path/.previous-<time>/`."""
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")

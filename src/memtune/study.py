@@ -539,7 +539,11 @@ class Runner:
     def run(self, config_path: Path, run_dir: Path) -> Outcome:
         run_dir.mkdir(parents=True, exist_ok=True)
         metrics_path = run_dir / "metrics.json"
-        metrics_path.unlink(missing_ok=True)  # a stale file must never pass for this run's result
+        # a stale result must never pass for this run's, and `memtune train` refuses a directory holding
+        # another run's result or checkpoints: an earlier attempt's files move to run_dir/.previous-<time>/
+        from memtune import run_dir as run_dirs
+
+        run_dirs.set_aside(run_dir)
         cmd = [*self.command, "--config", str(config_path), "--out", str(run_dir)]
         started, t0 = _now(), time.monotonic()
         timed_out = False
