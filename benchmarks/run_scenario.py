@@ -83,7 +83,7 @@ _COMPARE = {"seq_lens": "--seq-lens", "stacks": "--stacks", "steps": "--steps", 
             "repeat": "--repeat", "timeout": "--timeout", "lora_targets": "--lora-targets",
             "gpu_memory": "--gpu-memory", "grad_check": "--grad-check", "grad_reference": "--grad-reference",
             "max_length_search": "--max-length-search", "search_start": "--search-start",
-            "search_max": "--search-max", "memtune_args": "--memtune-args"}
+            "search_max": "--search-max", "memtune_args": "--memtune-args", "preset": "--preset"}
 
 
 def _compare(v: dict, out: Path) -> list[str]:
@@ -94,7 +94,7 @@ def _compare(v: dict, out: Path) -> list[str]:
 
 
 _TRAINER = {"stacks": "--stacks", "seq_len": "--seq-len", "steps": "--steps", "warmup": "--warmup",
-            "repeat": "--repeat", "timeout": "--timeout"}
+            "repeat": "--repeat", "timeout": "--timeout", "preset": "--preset", "device": "--device"}
 
 
 def _trainer(v: dict, out: Path) -> list[str]:
@@ -137,9 +137,9 @@ KINDS: dict[str, StepKind] = {
     "compare": StepKind({"seq_lens": list, "stacks": list, "steps": int, "warmup": int, "repeat": int, "timeout": int,
                          "lora_targets": str, "gpu_memory": str, "grad_check": bool, "grad_reference": str,
                          "max_length_search": bool, "search_start": int, "search_max": int, "memtune_args": str,
-                         "variants": dict}, ("stacks",), _compare),
+                         "preset": str, "variants": dict}, ("stacks",), _compare),
     "trainer": StepKind({"stacks": list, "seq_len": int, "steps": int, "warmup": int, "repeat": int, "timeout": int,
-                         "apply_options": dict}, (), _trainer),
+                         "preset": str, "device": str, "apply_options": dict}, (), _trainer),
     "profile": StepKind({"flags": str, "out": str, "trace": str}, ("out",), _profile),
     "pytest": StepKind({"files": list, "k": str}, ("files",), _pytest),
     "script": StepKind({"run": str, "args": str}, ("run",), _script),

@@ -100,6 +100,18 @@ def test_the_runner_filters_output_keeps_logs_and_goes_on_after_a_timeout(tmp_pa
     assert (tmp_path / "02-script.log").read_text() == "keep me\ndrop me\n"
 
 
+def test_a_compare_scenario_runs_end_to_end_on_a_cpu(tmp_path, capsys):
+    path = tmp_path / "cpu.yaml"
+    path.write_text("about: plumbing\nminutes: 1\nsteps:\n"
+                    "  - compare: {preset: tiny-test, stacks: [seed], seq_lens: [64], steps: 2, warmup: 1}\n")
+    out = tmp_path / "out"
+    assert run_scenario.main([str(path), "--out", str(out)]) == 0
+    (record,) = compare.load_records(out / "compare-h200.json")
+    assert record["stack"] == "seed" and record["status"] == "ok" and record["preset"] == "tiny-test"
+    assert (out / "compare-h200.md").is_file() and "seed @ 64" in (out / "01-compare.log").read_text()
+    assert "every step exited 0" in capsys.readouterr().out
+
+
 def test_trainer_compare_arguments():
     args = trainer_compare.parse_args(["--stacks", "unsloth,memtune", "--apply-options",
                                        "offload_activations=false,tiled_mlp_chunk=4096"])
