@@ -548,6 +548,12 @@ def runs_eager_attention(cfg: RunConfig, shape: ModelShape, device: str) -> bool
                                         and device != "cuda")
 
 
+def keeps_attention(cfg: RunConfig, shape: ModelShape) -> bool:
+    """save_attention acts: it hooks SDPA only, so not under eager or flex attention (Gemma 2's
+    softcapped attention never runs SDPA; memtune.families.technique_skip_reason)."""
+    return cfg.saves_attention and cfg.attention in ("auto", "sdpa") and shape.attention_softcap is None
+
+
 def layer_saved_per_token(shape: ModelShape, cfg: RunConfig, dtype_bytes: int, seq_len: int,
                           device: str = "cuda") -> dict[str, int]:
     """Everything one decoder layer's forward keeps for its backward, bytes per token, by part."""
@@ -758,7 +764,7 @@ def _estimate_for_shape(cfg: RunConfig, shape: ModelShape, device: str) -> Estim
         host["paged_optimizer_states"] = paged
     if cfg.offloads_checkpoints:
         host["offloaded_checkpoints"] = shape.layers * _round(tokens * shape.hidden * residual_bytes(cfg, c))
-    if cfg.saves_attention:
+    if keeps_attention(cfg, shape):
         host["saved_attention"] = shape.layers * saved_attention_bytes(shape, tokens, c)
     return Estimate(total_bytes=sum(breakdown.values()), breakdown=breakdown, host_bytes=host,
                     cuda_context_bytes=CUDA_CONTEXT_BYTES if device == "cuda" else 0,
@@ -852,7 +858,7 @@ def _activation_phases(shape: ModelShape, cfg: RunConfig, c: int, seq: int, toke
                 "backward_workspace": workspace, "logits_and_loss": 0}
     if cfg.gradient_checkpointing:
         backward["checkpoints"] = stored["checkpoints"]
-    if cfg.saves_attention:  # the layer being recomputed and the one being prefetched, as for checkpoints
+    if keeps_attention(cfg, shape):  # the layer being recomputed and the one being prefetched, as for checkpoints
         backward["saved_attention"] = 2 * saved_attention_bytes(shape, tokens, c)
     loss_backward = {**stored_outside_backward, "final_norm": final_norm + hidden_out, "logits_and_loss": loss_after}
     return {"forward_loss": forward_loss, "backward_last_layer": backward, "loss_backward": loss_backward}
