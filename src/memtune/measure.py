@@ -43,6 +43,7 @@ class TensorMemoryTracker(TorchDispatchMode):
     def __init__(self, device_type: str = "cpu"):
         super().__init__()
         self.device_type = device_type
+        self._cpu = device_type == "cpu"
         self.current = 0
         self.peak = 0
         self._live: dict[int, tuple[weakref.ref, int]] = {}  # data_ptr -> (storage ref, bytes)
@@ -62,16 +63,27 @@ class TensorMemoryTracker(TorchDispatchMode):
             allocates = self._allocates[func] = _may_allocate(func)
         if not allocates:
             return out
-        if type(out) is torch.Tensor:  # the common case, without a tree walk
+        if type(out) is torch.Tensor:  # the common cases without a tree walk (pytree costs more than the rest)
             self._track(out)
+        elif type(out) is tuple:
+            for item in out:
+                if type(item) is torch.Tensor:
+                    self._track(item)
+                elif item is not None and not isinstance(item, (int, float, bool)):
+                    self._track_tree(item)
         else:
-            for leaf in tree_leaves(out):
-                if isinstance(leaf, torch.Tensor):
-                    self._track(leaf)
+            self._track_tree(out)
         return out
 
+    def _track_tree(self, out: Any) -> None:
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self._track(leaf)
+
     def _track(self, tensor: torch.Tensor) -> None:
-        if tensor.device.type != self.device_type or tensor.layout != torch.strided:
+        if not (tensor.is_cpu if self._cpu else tensor.device.type == self.device_type):
+            return
+        if tensor.layout != torch.strided:
             return
         try:
             storage = tensor.untyped_storage()

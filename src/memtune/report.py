@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 from memtune.config import write_text_atomic
 from memtune.errors import UserError
+from memtune.findings import accuracy_line, fmt_bytes, measured_peak, memory_findings, trend_table
 from memtune.store import DB_NAME, STATUSES, ResultStore
 
 GIB = 2**30
@@ -140,15 +141,20 @@ def _peak_gpu(row: dict) -> Any:
     return row.get("peak_allocated_bytes")
 
 
-def measured_peak(row: dict) -> Any:
-    """The peak the tables call "memory": GPU allocated where there is a GPU, else the process RSS."""
-    value = row.get("peak_allocated_bytes")
-    return value if _num(value) else row.get("peak_rss_bytes")
+def mib(value: Any) -> float | None:
+    """Bytes -> MiB rounded to two decimals: a CPU run's tensor memory (the tiny model's are a few MiB)."""
+    return round(value / 2**20, 2) if _num(value) else None
 
 
 def estimate_error_pct(row: dict) -> float | None:
-    """(estimate - measured) / measured, for a finished GPU run (an OOM's peak is not its need)."""
-    est, measured = row.get("estimate_total_bytes"), row.get("peak_allocated_bytes")
+    """(estimate - measured) / measured, for a finished run (an OOM's peak is not its need).
+
+    Measured: the GPU's peak allocated, or on a CPU the peak of live tensor bytes (the process
+    RSS is not what the estimate predicts)."""
+    est = row.get("estimate_total_bytes")
+    measured = row.get("peak_allocated_bytes")
+    if not _num(measured):
+        measured = row.get("peak_tensor_bytes")
     if row.get("status") != "ok" or not (_num(est) and _num(measured)) or measured == 0:
         return None
     return round((est - measured) / measured * 100, 1)
@@ -164,19 +170,22 @@ def _result_cell(row: dict) -> str:
         return "pending"
     label = {"ok": "OK", "oom": "OOM", "error": "ERROR", "timeout": "TIMEOUT"}[status]
     peak = measured_peak(row)
-    return f"{label} ({fmt_gib(peak)} GiB)" if _num(peak) and status in ("ok", "oom") else label
+    return f"{label} ({fmt_bytes(peak)})" if _num(peak) and status in ("ok", "oom") else label
 
 
 def _memory_columns(gpu: bool, with_estimate: bool) -> list[Column]:
     cols = []
+    error = Column("Estimate error %", estimate_error_pct, lambda v: f"{v:+.1f}" if _num(v) else "-")
     if gpu:
         cols += [Column("Peak allocated (GiB)", lambda r: gib(r.get("peak_allocated_bytes")), _fmt_g),
                  Column("Peak reserved (GiB)", lambda r: gib(r.get("peak_reserved_bytes")), _fmt_g)]
-    else:
-        cols += [Column("Peak RSS (GiB)", lambda r: gib(r.get("peak_rss_bytes")), _fmt_g)]
+        if with_estimate:
+            cols += [Column("Estimate (GiB)", lambda r: gib(r.get("estimate_total_bytes")), _fmt_g), error]
+        return cols
+    cols += [Column("Peak tensor memory (CPU, MiB)", lambda r: mib(r.get("peak_tensor_bytes")), _fmt_g)]
     if with_estimate:
-        cols += [Column("Estimate (GiB)", lambda r: gib(r.get("estimate_total_bytes")), _fmt_g),
-                 Column("Estimate error %", estimate_error_pct, lambda v: f"{v:+.1f}" if _num(v) else "-")]
+        cols += [Column("Estimate (MiB)", lambda r: mib(r.get("estimate_total_bytes")), _fmt_g), error]
+    cols += [Column("Peak RSS (GiB)", lambda r: gib(r.get("peak_rss_bytes")), _fmt_g)]
     return cols
 
 
@@ -199,6 +208,20 @@ def _columns(kind: str, gpu: bool, with_estimate: bool) -> list[Column]:
                 Column("Eval examples", _metric("eval_examples"), lambda v: str(v) if _num(v) else "-"),
                 _PARAMS, Column("Loss first -> last", lambda r: _loss_text(r)), *_SPEED]
     return [Column("Status", _status_cell), *_memory_columns(gpu, with_estimate), _PARAMS, *_SPEED]
+
+
+def _prediction_columns(predictions: dict[str, dict], entries: list[dict]) -> list[Column]:
+    """Beside a shrunk CPU row: the estimator's GPU prediction for the study's model at full size."""
+    known = [predictions[e["config_hash"]] for e in entries if e["config_hash"] in predictions]
+    if not known:
+        return []
+    model = known[0]["model"]
+
+    def get(key: str) -> Callable[[dict], Any]:
+        return lambda r: (predictions.get(r.get("config_hash", "")) or {}).get(key)
+
+    return [Column("Full-size seq_len", get("seq_len"), lambda v: str(v) if _num(v) else "-"),
+            Column(f"Predicted for {model}, full size (GPU GiB)", lambda r: gib(get("total_bytes")(r)), _fmt_g)]
 
 
 def _loss_text(row: dict) -> str:
@@ -230,6 +253,8 @@ def build_tables(store: ResultStore, study: dict[str, Any]) -> list[Table]:
             list(dict.fromkeys(k for e in entries for k in e["axes"]))
         headers = (["Setting"] if has_labels else []) + [AXIS_NAMES.get(k, k) for k in axis_keys]
         cols = _columns(exp.get("kind", "memory"), gpu, with_estimate)
+        if exp.get("kind", "memory") in ("memory", "result"):
+            cols += _prediction_columns(study["spec"].get("full_size_predictions") or {}, entries)
         headers += [c.header for c in cols]
         cells, raw = [], []
         for entry, row in zip(entries, rows):
@@ -304,7 +329,10 @@ def write_plots(store: ResultStore, study: dict[str, Any], plot_dir: Path) -> li
     plot_dir.mkdir(parents=True, exist_ok=True)
     reference = study["spec"].get("reference") or study["spec"].get("base") or {}
     gpu = any(_num(r.get("peak_allocated_bytes")) for r in rows)
-    mem_label = "peak allocated GPU memory (GiB)" if gpu else "peak process RSS (GiB)"
+    tensor = not gpu and any(_num(r.get("peak_tensor_bytes")) for r in rows)
+    mem_label = ("peak allocated GPU memory (GiB)" if gpu else "peak tensor memory, CPU (MiB)" if tensor
+                 else "peak process RSS (GiB)")
+    mem_scale, unit = (2**20, "MiB") if tensor else (GIB, "GiB")
     out: list[tuple[str, Path]] = []
 
     series: dict[str, dict[int, dict]] = {}
@@ -330,7 +358,7 @@ def write_plots(store: ResultStore, study: dict[str, Any], plot_dir: Path) -> li
             pairs = [(x, y) for x, y in zip(xs, ys) if _num(y)]
             if not pairs:
                 continue
-            scale = GIB if metric is measured_peak else 1
+            scale = mem_scale if metric is measured_peak else 1
             ax.plot([p[0] for p in pairs], [p[1] / scale for p in pairs], marker="o",
                     label=QUANT_NAMES.get(quant, str(quant)))
             drawn = True
@@ -355,12 +383,12 @@ def write_plots(store: ResultStore, study: dict[str, Any], plot_dir: Path) -> li
         fig, ax = plt.subplots(figsize=(max(6.4, 0.55 * len(bars) + 2), 4.8))
         bottom = [0.0] * len(bars)
         for comp in components:
-            values = [(r["metrics"]["memory_breakdown"].get(comp) or 0) / GIB for r in bars]
+            values = [(r["metrics"]["memory_breakdown"].get(comp) or 0) / mem_scale for r in bars]
             ax.bar(range(len(bars)), values, bottom=bottom, label=comp.removesuffix("_bytes"))
             bottom = [b + v for b, v in zip(bottom, values)]
         ax.set_xticks(range(len(bars)))
         ax.set_xticklabels([r["label"] for r in bars], rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel("GiB")
+        ax.set_ylabel(unit)
         ax.set_title(f"{study['name']}: memory breakdown per run")
         ax.legend(fontsize=7)
         fig.tight_layout()
@@ -393,6 +421,7 @@ def _header(store: ResultStore, studies: list[dict], runs: list[dict]) -> list[s
     lines = [
         f"- Generated: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- Results: `{store.path}`",
+        _model_line(runs),
         f"- GPU: {', '.join(gpus) if gpus else 'none (' + (', '.join(devices) or 'cpu') + ')'}",
         "- Versions: " + (", ".join(f"{k} {'/'.join(v)}" for k, v in versions.items()) or "-"),
         f"- Git commit: {', '.join(c[:12] for c in commits) if commits else '-'}",
@@ -403,6 +432,57 @@ def _header(store: ResultStore, studies: list[dict], runs: list[dict]) -> list[s
     for study in studies:
         for note in study.get("notes", []):
             lines.append(f"- Note ({study['name']}): {note}")
+    return lines
+
+
+def _model_line(runs: list[dict]) -> str:
+    """Which model the rows ran: the header must not claim another."""
+    models: dict[str, list[dict]] = {}
+    for r in runs:
+        cfg = r.get("config") or {}
+        name = str(cfg.get("model", "?")) + (" (random weights)" if cfg.get("random_init") else "")
+        models.setdefault(name, []).append(r)
+    parts = []
+    for name, rows in models.items():
+        # the model's own parameters: a LoRA row's total counts its adapters too
+        sizes = _distinct([r["total_params"] - (r.get("trainable_params") or 0 if (r.get("config") or {}).get("lora")
+                                                else 0) for r in rows if _num(r.get("total_params"))])
+        size = f", {fmt_count(sizes[0])} params" if len(sizes) == 1 else ""
+        parts.append(f"{name}{size}: {'every row' if len(models) == 1 else f'{len(rows)} runs'}")
+    return "- Model that ran: " + ("; ".join(parts) if parts else "-")
+
+
+def _experiment_points(store: ResultStore, study: dict[str, Any]) -> list[tuple[dict, list[dict], list[dict]]]:
+    """(experiment, plan entries, stored rows) in the study's order."""
+    runs = {r["config_hash"]: r for r in store.runs(study["name"])}
+    plan = store.plan(study["name"])
+    out = []
+    for exp in study["spec"].get("experiments", []):
+        entries = sorted((e for e in plan if e["experiment"] == exp["name"]), key=lambda e: e["position"])
+        out.append((exp, entries, [runs.get(e["config_hash"], {}) for e in entries]))
+    return out
+
+
+def findings_section(store: ResultStore, study: dict[str, Any]) -> list[str]:
+    """The first lines of a study's report: its findings in words, with the numbers, from its rows."""
+    points = _experiment_points(store, study)
+    memory = memory_findings([(exp.get("kind", "memory"), [(e["axes"], r) for e, r in zip(entries, rows)])
+                              for exp, entries, rows in points])
+    accuracy = [accuracy_line(exp.get("title") or exp["name"], [(e["label"], r) for e, r in zip(entries, rows)])
+                for exp, entries, rows in points if exp.get("kind") == "accuracy"]
+    accuracy = [line for line in accuracy if line]
+    if not memory and not accuracy:
+        return []
+    cpu = any(_num(r.get("peak_tensor_bytes")) for _, _, rows in points for r in rows)
+    lines = ["## What this study found", ""]
+    if memory:
+        lines += [f"- {f.sentence}" for f in memory]
+        lines += ["", "Overall memory trend (the seed's table; measured: "
+                  + ("peak live tensor memory on the CPU" if cpu else "peak allocated GPU memory") + "):", ""]
+        lines += trend_table(memory)
+        lines.append("")
+    if accuracy:
+        lines += ["Accuracy before → after fine-tuning:", ""] + [f"- {line}" for line in accuracy] + [""]
     return lines
 
 
@@ -421,6 +501,7 @@ def render_report(store: ResultStore, out_dir: Path, study: str | None = None,
     for s in studies:
         if len(studies) > 1:
             lines += [f"## Study {s['name']}", ""]
+        lines += findings_section(store, s)
         if s["spec"].get("description"):
             lines += [s["spec"]["description"], ""]
         tables = build_tables(store, s)
@@ -463,12 +544,12 @@ def _all_runs_section(store: ResultStore, runs: list[dict], studies: list[dict])
     for s in studies:
         for p in ordered_plan(store, s):
             labels.setdefault(p["config_hash"], f"{p['experiment']}: {p['label']}")
-    headers = ["Run", "Config hash", "Status", "Peak memory (GiB)", "Step time (s)", "Tokens/s", "Elapsed (s)",
+    headers = ["Run", "Config hash", "Status", "Peak memory", "Step time (s)", "Tokens/s", "Elapsed (s)",
                "Attempts"]
     lines = ["## All runs", "", "| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     for r in runs:
         cells = [labels.get(r["config_hash"], ", ".join(r["experiments"])), f"`{r['config_hash']}`", r["status"],
-                 fmt_gib(measured_peak(r)), fmt_float(3)(r.get("step_time_s")), fmt_float(1)(r.get("tokens_per_s")),
+                 fmt_bytes(measured_peak(r)), fmt_float(3)(r.get("step_time_s")), fmt_float(1)(r.get("tokens_per_s")),
                  fmt_float(1)(r.get("elapsed_s")), str(r.get("attempts", 1))]
         lines.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
     return lines + [""]
@@ -489,7 +570,7 @@ def write_report(store: ResultStore, out_dir: str | Path, study: str | None = No
 # Export
 # --------------------------------------------------------------------------
 EXPORT_SCALARS = ("config_hash", "study", "status", "error", "peak_allocated_bytes", "peak_reserved_bytes",
-                  "peak_rss_bytes", "step_time_s", "tokens_per_s", "tokens_per_step", "trainable_params",
+                  "peak_rss_bytes", "peak_tensor_bytes", "step_time_s", "tokens_per_s", "tokens_per_step", "trainable_params",
                   "total_params", "accuracy_before", "accuracy_after", "eval_examples", "seq_len", "loss_first",
                   "loss_last", "estimate_total_bytes", "gpu_name", "device", "git_commit", "run_dir", "exit_code",
                   "attempts", "started_at", "finished_at", "elapsed_s", "wall_time_s")

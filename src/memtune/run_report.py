@@ -7,6 +7,7 @@ from typing import Any
 
 from memtune.config import RunConfig, write_text_atomic
 from memtune.estimate import gib
+from memtune.findings import fmt_bytes
 
 
 def _memory_lines(metrics: dict[str, Any]) -> list[str]:
@@ -15,12 +16,17 @@ def _memory_lines(metrics: dict[str, Any]) -> list[str]:
         lines.append(f"| peak allocated (GPU) | {gib(metrics['peak_allocated_bytes'])} |")
         lines.append(f"| peak reserved (GPU) | {gib(metrics['peak_reserved_bytes'])} |")
     else:
+        if "peak_tensor_bytes" in metrics:
+            lines.append(f"| peak tensor memory (CPU) | {fmt_bytes(metrics['peak_tensor_bytes'])} |")
         lines.append(f"| peak RSS (CPU process, during training) | {gib(metrics['peak_rss_bytes'])} |")
+    small = "peak_allocated_bytes" not in metrics  # a CPU run of the tiny model: MiB, not 0.00 GiB
+    show = fmt_bytes if small else gib
     for name, value in metrics.get("memory_breakdown", {}).items():
-        lines.append(f"| {name.removesuffix('_bytes').replace('_', ' ')} | {gib(value)} |")
+        lines.append(f"| {name.removesuffix('_bytes').replace('_', ' ')} | {show(value)} |")
     estimate = metrics.get("estimate")
     if estimate:
-        lines.append(f"| estimated peak allocated (GPU) | {gib(estimate['total_bytes'])} |")
+        where = "CPU tensor memory" if small else "peak allocated (GPU)"
+        lines.append(f"| estimated {where} | {show(estimate['total_bytes'])} |")
     return lines
 
 

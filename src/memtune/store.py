@@ -41,6 +41,7 @@ METRIC_COLUMNS = {
     "peak_allocated_bytes": "INTEGER",
     "peak_reserved_bytes": "INTEGER",
     "peak_rss_bytes": "INTEGER",
+    "peak_tensor_bytes": "INTEGER",     # a CPU run's peak of live tensor bytes (memtune.measure)
     "step_time_s": "REAL",
     "tokens_per_s": "REAL",
     "tokens_per_step": "INTEGER",
@@ -193,6 +194,8 @@ class ResultStore:
                         f"{self.path}: results schema version {found}; this memtune reads version "
                         f"{SCHEMA_VERSION}; choose another --out"
                     )
+            if tables:
+                self._add_missing_columns()
             if self.conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
                 self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")
@@ -212,6 +215,13 @@ class ResultStore:
                 except BaseException:
                     self.conn.execute("ROLLBACK")
                     raise
+
+    def _add_missing_columns(self) -> None:
+        """A database written before a metric got its column gains it (NULL for the old rows)."""
+        have = {r[1] for r in self.conn.execute("PRAGMA table_info(runs)")}
+        missing = [(name, typ) for name, typ in METRIC_COLUMNS.items() if name not in have]
+        for name, typ in missing:
+            self.conn.execute(f"ALTER TABLE runs ADD COLUMN {name} {typ}")
 
     class _ErrorContext:
         def __init__(self, store: "ResultStore", action: str):

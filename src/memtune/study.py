@@ -17,6 +17,8 @@ A study is a YAML file (or a built-in name: `seed`, `seed-full`, see
       steps: 2                      # steps (and warmup_steps, eval_examples) capped at these
       warmup_steps: 1
       eval_examples: 16
+      eval_steps: 2                 # accuracy runs' steps
+      lora_learning_rate: 0         # LoRA accuracy runs' learning rate (0: their own)
     experiments:                    # each one is a table of the report
       - name: seq_len
         title: Sequence length (4-bit, rank 8)
@@ -75,8 +77,12 @@ TOP_KEYS = ("name", "description", "extends", "base", "cpu_scale", "experiments"
 EXPERIMENT_KEYS = ("name", "title", "kind", "description", "set", "grid", "variants")
 KINDS = ("memory", "result", "accuracy")
 # eval_steps: runs that measure accuracy keep enough steps for the accuracy to mean something.
-CPU_SCALE_DEFAULTS: dict[str, int] = {"max_seq_len": 512, "min_data_seq_len": 128, "steps": 2, "warmup_steps": 1,
-                                      "eval_examples": 16, "eval_steps": 2}
+# lora_learning_rate: the learning rate of accuracy runs with LoRA on a CPU (0: their own), so that fewer
+# steps still lift; full fine-tuning keeps its own (a rate LoRA needs makes it worse).
+CPU_SCALE_DEFAULTS: dict[str, int | float] = {"max_seq_len": 512, "min_data_seq_len": 128, "steps": 2,
+                                              "warmup_steps": 1, "eval_examples": 16, "eval_steps": 2,
+                                              "lora_learning_rate": 0}
+_CPU_SCALE_FLOATS = ("lora_learning_rate",)
 # Keys a study may not set: the study decides where each run writes.
 RESERVED_KEYS = ("out",)
 STDERR_TAIL_LINES = 25
@@ -208,7 +214,11 @@ def parse_study(data: dict[str, Any], source: str = "study", parent: StudySpec |
     for key, value in raw_scale.items():
         if key not in CPU_SCALE_DEFAULTS:
             raise UserError(f"{source}: cpu_scale: unknown key {key!r}; allowed: {', '.join(CPU_SCALE_DEFAULTS)}")
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "warmup_steps" else 1):
+        if key in _CPU_SCALE_FLOATS:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise UserError(f"{source}: cpu_scale.{key}: expected a number >= 0 (0: keep the run's own); "
+                                f"got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "warmup_steps" else 1):
             raise UserError(f"{source}: cpu_scale.{key}: expected a positive integer; got {value!r}")
         cpu_scale[key] = value
 
@@ -309,6 +319,8 @@ class Plan:
     notes: list[str]
     reference: dict[str, Any]        # base <- overrides: what the plots compare against
     only: list[str] | None = None    # --only: the plan covers these experiments, not the study
+    # cpu scale: config hash -> the estimate for the study's own model at full size (see full_size_prediction)
+    predictions: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _format_value(value: Any) -> str:
@@ -373,6 +385,10 @@ def _cpu_scale(configs: list[RunConfig], rules: dict[str, int]) -> tuple[int, in
     evals = max((c.eval_examples for c in configs if c.eval), default=0)
     if evals > rules["eval_examples"]:
         parts.append(f"eval examples {evals} -> {rules['eval_examples']}")
+    rates = sorted({c.learning_rate for c in configs if c.eval and c.lora})
+    if rules.get("lora_learning_rate") and rates and rates != [rules["lora_learning_rate"]]:
+        parts.append(f"LoRA accuracy runs' learning rate {'/'.join(f'{r:g}' for r in rates)} -> "
+                     f"{rules['lora_learning_rate']:g} (full fine-tuning keeps its own)")
     return factor, cap, parts
 
 
@@ -383,6 +399,8 @@ def _scaled(cfg: RunConfig, factor: int, cap: int, rules: dict[str, int]) -> Run
         "warmup_steps": min(cfg.warmup_steps, rules["warmup_steps"], max(0, steps - 1)),
         "eval_examples": min(cfg.eval_examples, rules["eval_examples"]),
     }
+    if cfg.eval and cfg.lora and rules.get("lora_learning_rate"):
+        changes["learning_rate"] = float(rules["lora_learning_rate"])
     if factor > 1:
         # Real examples must still fit: a run on data (not random tokens) keeps min_data_seq_len.
         floor = 16 if cfg.data == "random" else min(cfg.seq_len, rules["min_data_seq_len"], cap)
@@ -434,6 +452,7 @@ def expand(study: StudySpec, overrides: dict[str, Any] | None = None, *, scale: 
                 raise UserError(f"study {study.name}: experiment '{exp.name}' ({text}): {exc}") from None
             rows.append((exp, label, list(axes), cfg))
 
+    unscaled = [r[3] for r in rows]
     if scale:
         factor, cap, parts = _cpu_scale([r[3] for r in rows], study.cpu_scale)
         notes.insert(0, "cpu scale: no CUDA GPU, so the study is shrunk to finish on a CPU: "
@@ -444,6 +463,13 @@ def expand(study: StudySpec, overrides: dict[str, Any] | None = None, *, scale: 
         rows = [(e, lab, keys, c if "gpu_memory" in keys else c.replace(gpu_memory=gpu_memory))
                 for e, lab, keys, c in rows]
         notes.append(f"gpu memory cap: {gpu_memory} per run")
+    predictions: dict[str, dict[str, Any]] = {}
+    if scale:
+        for (exp, _, _, cfg), full in zip(rows, unscaled):
+            if exp.kind in ("memory", "result"):
+                predicted = full_size_prediction(full, study.base.get("model", full.model))
+                if predicted:
+                    predictions.setdefault(cfg.config_hash(), predicted)
 
     runs: dict[str, PlannedRun] = {}
     entries: list[PlanEntry] = []
@@ -465,7 +491,21 @@ def expand(study: StudySpec, overrides: dict[str, Any] | None = None, *, scale: 
         entries.append(PlanEntry(study=study.name, experiment=exp.name, position=positions[exp.name],
                                  config_hash=digest, label=text, axes=axes))
     return Plan(study=study, runs=list(runs.values()), entries=entries, notes=notes, reference=reference,
-                only=[e.name for e in experiments] if only else None)
+                only=[e.name for e in experiments] if only else None, predictions=predictions)
+
+
+def full_size_prediction(cfg: RunConfig, model: str) -> dict[str, Any] | None:
+    """What the estimator predicts on a GPU for a shrunk run's configuration before shrinking, with the
+    study's own model: beside a CPU row of the tiny model, the number the seed's setting would take
+    (the estimator is checked against the H200 in benchmarks/results/estimate-vs-measured-h200.md)."""
+    from memtune.estimate import estimate_memory
+
+    try:
+        full = cfg.replace(model=model, random_init=True)
+        estimate = estimate_memory(full)
+    except (UserError, ValueError):  # a model without a readable config here: no prediction, not a failure
+        return None
+    return {"model": model, "seq_len": estimate.seq_len, "total_bytes": int(estimate.total_bytes)}
 
 
 # --------------------------------------------------------------------------
@@ -664,12 +704,14 @@ def _summary_of(outcome: Outcome) -> str:
     bits = [f"{outcome.status} {outcome.elapsed_s:.1f}s"]
     if outcome.status in ("ok", "oom"):
         peak = m.get("peak_allocated_bytes")
-        if peak is None:
-            peak = m.get("peak_rss_bytes")
-            if peak is not None:
-                bits.append(f"rss {_gib(peak)}")
-        else:
+        if peak is not None:
             bits.append(f"peak {_gib(peak)}")
+        elif m.get("peak_tensor_bytes") is not None:
+            from memtune.findings import fmt_bytes
+
+            bits.append(f"tensors {fmt_bytes(m['peak_tensor_bytes'])}")
+        elif m.get("peak_rss_bytes") is not None:
+            bits.append(f"rss {_gib(m['peak_rss_bytes'])}")
         if outcome.status == "ok" and m.get("tokens_per_s"):
             bits.append(f"{m['tokens_per_s']:.0f} tok/s")
         if m.get("accuracy_after") is not None:
@@ -687,7 +729,7 @@ def run_study(plan: Plan, out_dir: Path, runner: Runner, *, skip_failed: bool = 
     out_dir.mkdir(parents=True, exist_ok=True)
     with _DirLock(out_dir):
         with ResultStore(out_dir / DB_NAME) as store:
-            spec = {**study.to_dict(), "reference": plan.reference}
+            spec = {**study.to_dict(), "reference": plan.reference, "full_size_predictions": plan.predictions}
             store.save_study(study.name, spec, plan.notes, _now())
             store.save_plan(study.name, plan.entries, experiments=plan.only)
             stored = store.statuses()

@@ -110,18 +110,24 @@ def _first_line(exc: BaseException) -> str:
 
 
 def print_summary(metrics: dict) -> None:
+    from memtune.findings import fmt_bytes
+
     print()
     print("== memtune train ==")
     if "peak_allocated_bytes" in metrics:
         print(f"peak allocated:  {gib(metrics['peak_allocated_bytes'])}")
         print(f"peak reserved:   {gib(metrics['peak_reserved_bytes'])}")
     else:
+        if "peak_tensor_bytes" in metrics:
+            print(f"peak tensor memory (CPU): {fmt_bytes(metrics['peak_tensor_bytes'])}")
         print(f"peak RSS (CPU process, whole training): {gib(metrics['peak_rss_bytes'])}")
+    show = gib if "peak_allocated_bytes" in metrics else fmt_bytes  # a CPU run's few MiB, not 0.00 GiB
     print("memory breakdown:")
     for name, value in metrics["memory_breakdown"].items():
-        print(f"  {name.removesuffix('_bytes'):<24} {gib(value)}")
+        print(f"  {name.removesuffix('_bytes'):<24} {show(value)}")
     if metrics.get("estimate"):
-        print(f"estimated peak allocated (GPU): {gib(metrics['estimate']['total_bytes'])}")
+        where = "peak allocated (GPU)" if "peak_allocated_bytes" in metrics else "tensor memory (CPU)"
+        print(f"estimated {where}: {show(metrics['estimate']['total_bytes'])}")
     print(f"median step time: {metrics['step_time_s']:.3f} s   tokens/s: {metrics['tokens_per_s']:,.0f}"
           + (f"   MFU: {metrics['mfu']:.1%}" if metrics.get("mfu") else ""))
     print(f"loss: {metrics['loss_first']:.4f} -> {metrics['loss_last']:.4f}")
