@@ -215,6 +215,8 @@ def test_gemma2_attention_is_never_sdpa():
     with pytest.raises(UserError, match="attention: sdpa cannot express Gemma 2"):
         families.attention_implementation(config, "sdpa", "cuda")
     assert families.attention_implementation(config, "eager", "cuda") == ("eager", None)
+    with pytest.raises(UserError, match="flex_attention has no backward on a CPU"):
+        families.attention_implementation(config, "flex_attention", "cpu")
     for family in ("llama", "qwen3", "gemma3_text", "phi3", "mistral"):
         assert families.attention_implementation(_config(family), "auto", "cuda") == ("sdpa", None)
 

@@ -141,10 +141,10 @@ def attention_implementation(config: Any, requested: str, device_type: str = "cu
     For such a config "auto" picks flex_attention where torch.compile's GPU kernels are usable
     (`compile_reason` None on a CUDA device: it takes the softcap as a score modifier, keeps
     O(L) memory, and transformers' Gemma 2 supports it) and eager otherwise: eager is exact on
-    every device, but holds the [heads, L, L] scores. flex_attention is not picked on a CPU:
-    there it is compiled by the C++ code generator for each shape, slower than eager at the
-    lengths a CPU trains. An explicit "sdpa" for such a config is a UserError (it would train
-    a different model); any other explicit choice is kept.
+    every device, but holds the [heads, L, L] scores. flex_attention cannot train on a CPU
+    (torch 2.13: "FlexAttention does not support backward on CPU"). An explicit "sdpa" for such a
+    config, or "flex_attention" off CUDA, is a UserError (the first would train a different
+    model, the second fail at the first backward); any other explicit choice is kept.
     """
     feats = features(config)
     needs_score_mod = feats.attn_softcap is not None
@@ -156,12 +156,14 @@ def attention_implementation(config: Any, requested: str, device_type: str = "cu
         if device_type == "cuda" and compile_reason is None:
             return "flex_attention", (f"attention: flex_attention, which applies {label}'s attention-logit "
                                       f"softcapping ({feats.attn_softcap:g}) that SDPA cannot express")
-        why = compile_reason or "flex_attention compiles for each shape on a CPU"
+        why = compile_reason or "flex_attention needs torch.compile's GPU kernels"
         return "eager", (f"attention: eager ({why}; SDPA cannot express {label}'s attention-logit "
                          f"softcapping {feats.attn_softcap:g}): exact, but it holds the [heads, L, L] scores")
     if requested == "sdpa" and needs_score_mod:
         raise UserError(f"attention: sdpa cannot express {label}'s attention-logit softcapping "
                         f"(attn_logit_softcapping {feats.attn_softcap:g}); use auto, eager or flex_attention")
+    if requested == "flex_attention" and device_type != "cuda":
+        raise UserError("attention: flex_attention has no backward on a CPU in this torch; use auto or eager")
     return requested, None
 
 
