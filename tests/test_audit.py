@@ -88,6 +88,8 @@ NUMBER_CASES = [
     (["estimate", "--lora-rank", "10000000000"], f"lora_rank: expected at most {TINY_LIMIT} for tiny"),
     (["estimate", "--model", "llama-3.1-8b", "--lora-rank", "1025", "--lora-targets", "k_proj"],
      "lora_rank: expected at most 1024"),  # 8 kv heads x 128
+    (["estimate", "--gpu-memory", "9" * 400 + "GiB"], "gpu_memory: expected a finite size"),
+    (["fit", "--gpu-memory", "24GiB", "--host-memory", "9" * 400 + "GiB"], "--host-memory: expected a finite size"),
 ]
 
 
@@ -179,6 +181,9 @@ def test_eval_predictions_that_is_a_directory(tmp_path, capsys):
     one_line(capsys, main(["eval", *EVAL_FAST, "--predictions", str(target)]), 2,
              f"predictions: {target} is a directory")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["preds"] and not any(target.iterdir())
+    (tmp_path / "afile").write_text("")
+    one_line(capsys, main(["eval", *EVAL_FAST, "--predictions", str(tmp_path / "afile" / "p.jsonl")]), 2,
+             f"predictions: cannot create {tmp_path / 'afile' / 'p.jsonl'}: {tmp_path / 'afile'} is a file")
 
 
 # --- a run directory that never lies ----------------------------------------------------------
@@ -245,6 +250,12 @@ def test_an_unfinished_run_with_checkpoints_is_not_started_over(tmp_path, flags,
     before = listing(out)
     one_line(capsys, main(["train", "--out", str(out), *flags]), 2, expected)
     assert listing(out) == before
+
+
+def test_resume_needs_a_run_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    one_line(capsys, main(["train", "--resume"]), 2, "resume: expected --out DIR")
+    assert not any(tmp_path.iterdir())
 
 
 def test_resume_needs_checkpoints(finished_copy, capsys):

@@ -554,6 +554,8 @@ def parse_memory_size(text: str) -> int:
     value = float(match.group(1)) * _UNITS[unit]
     if value <= 0:
         raise ValueError(f"expected a size > 0; got {text!r}")
+    if not math.isfinite(value):  # 400 digits read as inf
+        raise ValueError(f"expected a finite size; got {len(match.group(1))} digits")
     return int(value)
 
 

@@ -63,16 +63,16 @@ def check_file_target(path: Path, field: str) -> None:
     """`path` can be written as a file: not a directory, its parent not a file, and writable."""
     if path.is_dir():
         raise UserError(f"{field}: {path} is a directory; expected a file path")
-    _check_creatable(path.parent, field)
+    _check_creatable(path.parent, field, shown=path)
 
 
-def _check_creatable(path: Path, field: str) -> None:
+def _check_creatable(path: Path, field: str, shown: Path | None = None) -> None:
     """The nearest existing ancestor of `path` (itself included) is a writable directory."""
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise UserError(f"{field}: cannot create {path}: {existing} is a file, not a directory")
+        raise UserError(f"{field}: cannot create {shown or path}: {existing} is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{field}: cannot write into {existing} (permission denied)")
 

@@ -40,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     out_dir = Path(cfg.out) if cfg.out else default_out_dir(cfg)
     overwrite, resume = bool(getattr(args, "overwrite", False)), bool(getattr(args, "resume", False))
+    if resume and not cfg.out:  # not a new default directory, which has nothing to resume
+        raise UserError("resume: expected --out DIR, the run directory to continue")
     # Everything a user can get wrong about where the run goes or how big it is, before anything loads.
     run_dir.check(out_dir, overwrite=overwrite, resume=resume)
     resume_from = None
