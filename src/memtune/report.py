@@ -200,7 +200,8 @@ _PARAMS = Column("Trainable params", _metric("trainable_params"), fmt_count)
 
 def _columns(kind: str, gpu: bool, with_estimate: bool) -> list[Column]:
     if kind == "result":
-        return [Column("Result", _result_cell), *_memory_columns(gpu, False), *_SPEED]
+        # the estimate too: an OOM row shows none, a finished one its error (every CPU row has one)
+        return [Column("Result", _result_cell), *_memory_columns(gpu, with_estimate), *_SPEED]
     if kind == "accuracy":
         return [Column("Status", _status_cell),
                 Column("Acc. before FT", _metric("accuracy_before"), fmt_float(3)),
