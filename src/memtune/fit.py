@@ -208,3 +208,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(format_table(result, budget, args.top))
     return 0
+
+
+from memtune._callable_module import make_callable  # noqa: E402 - memtune.fit(...) is the API function
+
+make_callable(__name__)
