@@ -500,3 +500,31 @@ def test_a_study_retry_starts_over_in_a_directory_a_killed_attempt_left(tmp_path
     aside = next(directory.glob(".previous-*"))
     assert (aside / "config.yaml").read_text() == "lora_rank: 999\n" and (aside / "checkpoints" / "step-1").is_dir()
     assert outcome.metrics["trainable_params"] > 0  # the retry's own result
+
+
+def test_good_directories_stay_good(finished_run, tmp_path, data_file, capsys):
+    """An empty --out, an --out holding only a user's files, an empty --merged-out: no refusal, nothing moved."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code = main(["train", *FAST, "--data", data_file, "--out", str(out)])
+    run_dir.unlock(out)
+    assert code == 0, capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine" and not list(out.glob(".previous-*"))
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    assert main(["merge", "--adapter", str(out / "adapter"), "--merged-out", str(merged)]) == 0
+    assert (merged / "config.json").is_file()
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["train", "--learning-rate", "-1e-4"], "memtune train: error: learning_rate: expected a number > 0"),
+    (["merge", "--adapter", "/no/such/adapter", "--merged-out", "/nonexistent-memtune-dir/merged"],
+     "memtune merge: error: adapter:"),
+])
+def test_the_installed_command_exits_2_with_one_line(argv, expected):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "src")}
+    done = subprocess.run([sys.executable, "-m", "memtune", *argv], env=env, capture_output=True, text=True,
+                          timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith(expected), done.stderr
