@@ -61,3 +61,37 @@ def test_chunked_loss_with_the_triton_kernel_equals_full_logits_cross_entropy(ma
     ref = grads(lambda: F.cross_entropy(F.linear(hidden, weight, bias), labels, ignore_index=-100))
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,vocab", [(5, 61), (3, 4099)])
+def test_triton_chunk_with_a_softcap_matches_the_reference_math(dtype, rows, vocab):
+    torch.manual_seed(2)
+    logits = (torch.randn(rows, vocab, device=DEVICE) * 20).to(dtype)  # far past the cap: tanh saturates
+    labels = torch.randint(0, vocab, (rows,), device=DEVICE)
+    inv_n = torch.full((), 1.0 / rows, device=DEVICE)
+    ref_sum, ref_grad = chunk_loss_and_grad(logits.clone(), labels, inv_n, 5.0)
+    loss_sum, grad = cross_entropy_triton.chunk_loss_and_grad_triton(logits, labels, inv_n, 5.0)
+    torch.testing.assert_close(loss_sum, ref_sum, atol=1e-4, rtol=1e-5)
+    tol = dict(atol=1e-6, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-3, rtol=1e-2)
+    torch.testing.assert_close(grad.float(), ref_grad.float(), **tol)
+
+
+def test_chunked_loss_with_the_triton_kernel_and_a_softcap_equals_full_logits():
+    torch.manual_seed(4)
+    hidden = (torch.randn(37, 24, device=DEVICE) * 2).requires_grad_()
+    weight = torch.randn(61, 24, device=DEVICE, requires_grad=True)
+    labels = torch.randint(0, 61, (37,), device=DEVICE)
+    labels[::3] = -100
+
+    def grads(fn):
+        hidden.grad = weight.grad = None
+        loss = fn()
+        loss.backward()
+        return [loss.detach(), hidden.grad.clone(), weight.grad.clone()]
+
+    got = grads(lambda: chunked_linear_cross_entropy(hidden, weight, labels, chunk_tokens=8, fused="triton",
+                                                     softcap=3.0))
+    ref = grads(lambda: F.cross_entropy(3.0 * torch.tanh(F.linear(hidden, weight) / 3.0), labels))
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)

@@ -659,8 +659,7 @@ def chunked_loss_bytes(shape: ModelShape, tokens: int, cfg: RunConfig, dtype_byt
     cap = cap - cap % 64 if cap >= 64 else max(cap, 1)
     chunk = min(cfg.loss_chunk_tokens, cap, tokens)
     if cfg.fuse_loss and device == "cuda":  # compiled chunk: logits and their gradient in the dtype, no fp32 copy
-        # a softcapped loss (Gemma 2) runs the compiled kernel, not the Triton one
-        buffers = 1 if cfg.loss_kernel == "triton" and shape.final_softcap is None else 2
+        buffers = 1 if cfg.loss_kernel == "triton" else 2  # a softcap is applied inside either kernel
         chunk_bytes = buffers * _round(chunk * shape.vocab * dtype_bytes)
     else:
         chunk_bytes = _round(chunk * shape.vocab * 4) + _round(chunk * shape.vocab * dtype_bytes)

@@ -116,17 +116,14 @@ def _fused_chunk_fn(static_full_chunks: bool = False, chunk: int = 0) -> Callabl
     return dispatch
 
 
-def _chunk_fn(fused: bool | str, static_full_chunks: bool, chunk: int,
-              softcap: float | None = None) -> Callable | None:
+def _chunk_fn(fused: bool | str, static_full_chunks: bool, chunk: int) -> Callable | None:
     """What computes each chunk's loss and gradient: None (the plain fp32 path), the math uncompiled
-    ("eager"), the hand-written Triton kernel ("triton") or the compiled function (True). The Triton
-    kernel has no softcap: a softcapped loss asked of it runs the compiled function."""
+    ("eager"), the hand-written Triton kernel ("triton") or the compiled function (True). Each takes
+    the softcap as its fourth argument."""
     if not fused:
         return None
     if fused == "eager":
         return chunk_loss_and_grad
-    if fused == "triton" and softcap is not None:
-        fused = True
     if fused == "triton":
         from memtune.kernels.cross_entropy_triton import chunk_loss_and_grad_triton
         return chunk_loss_and_grad_triton
@@ -321,6 +318,6 @@ def chunked_linear_cross_entropy(
     chunk = effective_chunk_tokens(chunk_tokens, weight.shape[0], max_chunk_bytes)
     compute_dtype = _compute_dtype(hidden, weight)
     with torch.autocast(device_type=hidden.device.type, enabled=False):
-        fn = _chunk_fn(fused, static_full_chunks, chunk, softcap)
+        fn = _chunk_fn(fused, static_full_chunks, chunk)
         return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk, ignore_index, compute_dtype, fn,
                                                 layout, None if softcap is None else float(softcap))
