@@ -20,7 +20,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     model_config = load_model_config(cfg.model)
-    check_lora_rank_for_shape(cfg, model_shape(model_config, cfg.model))  # a rank no layer can hold
+    # a rank no layer can hold, refused as train refuses it
+    check_lora_rank_for_shape(cfg, model_shape(model_config, source=f"model '{cfg.model}'"))
     estimate = estimate_memory(cfg, model_config)
     if args.json:
         print(json.dumps(estimate.to_dict(), indent=2))
