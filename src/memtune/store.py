@@ -194,7 +194,7 @@ class ResultStore:
                         f"{self.path}: results schema version {found}; this memtune reads version "
                         f"{SCHEMA_VERSION}; choose another --out"
                     )
-            if tables:
+            if tables and create:  # a writer adds them; a reader (memtune report) leaves the file as it is
                 self._add_missing_columns()
             if self.conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
                 self.conn.execute("PRAGMA journal_mode=WAL")
