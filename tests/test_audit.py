@@ -186,6 +186,18 @@ def test_eval_predictions_that_is_a_directory(tmp_path, capsys):
              f"predictions: cannot create {tmp_path / 'afile' / 'p.jsonl'}: {tmp_path / 'afile'} is a file")
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc, where even root cannot create files")
+@pytest.mark.parametrize("argv,field", [
+    (["train", "--out", "/proc/memtune-run"], "out"),
+    (["study", "seed", "--model", "tiny", "--out", "/proc/memtune-study"], "out"),
+    (["eval", *EVAL_FAST, "--predictions", "/proc/memtune-p.jsonl"], "predictions"),
+    (["merge", "--adapter", "ADAPTER", "--merged-out", "/proc/memtune-merged"], "merged_out"),
+])
+def test_an_unwritable_output_is_one_line_before_anything_loads(argv, field, finished_run, capsys):
+    argv = [str(finished_run / "adapter") if a == "ADAPTER" else a for a in argv]
+    one_line(capsys, main(argv), 2, f"{field}: cannot write into /proc")
+
+
 # --- a run directory that never lies ----------------------------------------------------------
 
 def test_a_finished_run_is_refused_and_left_as_it_was(finished_copy, data_file, capsys):

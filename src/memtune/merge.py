@@ -53,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
         merged.save_pretrained(str(tmp))
         built.tokenizer.save_pretrained(str(tmp))
         install(tmp, out)
+    except OSError as exc:  # the disk filled, the directory went away: one line, the temporary removed
+        raise UserError(f"merged_out: cannot write {out} ({exc.strerror or exc})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"merged {adapter.path} into {cfg.model}; wrote {out}/")

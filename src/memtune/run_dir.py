@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -73,8 +74,11 @@ def _check_creatable(path: Path, field: str, shown: Path | None = None) -> None:
         existing = existing.parent
     if not existing.is_dir():
         raise UserError(f"{field}: cannot create {shown or path}: {existing} is a file, not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{field}: cannot write into {existing} (permission denied)")
+    try:  # a real probe: permissions, a read-only file system, /proc; nothing stays behind
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise UserError(f"{field}: cannot write into {existing} ({exc.strerror or exc})") from None
 
 
 def inspect(path: Path) -> RunDirState:
