@@ -131,11 +131,17 @@ def prepare(path: Path, overwrite: bool = False, resume: bool = False,
 
     Call it once the run's inputs are known good and before the run writes anything.
     """
-    state = check(path, overwrite=overwrite, resume=resume)
+    check(path, overwrite=overwrite, resume=resume)  # nothing created for a directory refused anyway
     if not path.exists():
         path.mkdir(parents=True)
         _created.add(path.resolve())
-    lock(path)
+    try:
+        lock(path)
+        # again under the lock: a run that was finishing meanwhile has its result now
+        state = check(path, overwrite=overwrite, resume=resume)
+    except UserError:
+        unlock(path)
+        raise
     if resume:
         names = tuple(name for name in RESULT_FILES if name in state.run_files)
     else:
