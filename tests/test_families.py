@@ -152,6 +152,24 @@ def test_memtune_loss_matches_transformers_eager(family, model_dirs):
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_load_model_gives_the_family_own_loss_through_model_forward(family, model_dirs):
+    """memtune.load_model (the API a Trainer user calls): model(input_ids, labels=...) in training mode
+    returns memtune's chunked loss, equal to transformers' eager loss."""
+    import memtune
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, _tokenizer = memtune.load_model(str(model_dirs[family]), compute_dtype="fp32", quantization="none",
+                                               lora=False, device="cpu")
+    model.train()
+    batch = _batch()
+    got = model(**batch)
+    assert got.logits is None  # the chunked loss ran, not the full logits
+    ref = _reference(model_dirs[family])(**batch).loss
+    assert abs(float(got.loss) - float(ref)) < 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_fused_forwards_match_on_every_family(family, model_dirs):
     """The fused norm/MLP and RoPE forwards (uncompiled, so on a CPU) are the family's own math."""
     from memtune.kernels import enable_fused_elementwise, enable_fused_rope
