@@ -440,3 +440,17 @@ def test_bf16_parity_with_every_cuda_technique(family, model_dirs, caplog):
     assert m_loss <= 2 * b_loss + 2e-3, results
     assert m_grad <= 2 * b_grad + 1e-2, results
     assert not [r for r in caplog.records if "recompile" in r.getMessage().lower()]
+
+
+def test_sliding_window_masks_are_counted_where_sdpa_needs_them():
+    from memtune.estimate import estimate_memory
+
+    cfg = RunConfig(model="gemma-3-1b", random_init=True, seq_len=4096)
+    gemma3 = estimate_memory(cfg, PRESETS["gemma-3-1b"])  # 512-token windows: a [1, 1, L, L] bool mask
+    assert gemma3.breakdown["attention_masks"] == 4096 * 4096
+    short = estimate_memory(cfg.replace(seq_len=512), PRESETS["gemma-3-1b"])
+    assert "attention_masks" not in short.breakdown  # the window covers the sequence: no mask
+    gemma2 = estimate_memory(cfg.replace(model="gemma-2-9b", seq_len=8192), PRESETS["gemma-2-9b"])
+    assert "attention_masks" not in gemma2.breakdown  # flex_attention: a block mask
+    llama = estimate_memory(cfg.replace(model="llama-3.1-8b"), PRESETS["llama-3.1-8b"])
+    assert "attention_masks" not in llama.breakdown

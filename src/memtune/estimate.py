@@ -115,6 +115,7 @@ class ModelShape:
     layer_norms: int = 2
     attention_softcap: float | None = None
     final_softcap: float | None = None
+    sliding_window: int | None = None  # some layers attend within this many tokens (Gemma, Mistral variants)
 
     @property
     def q_dim(self) -> int:
@@ -188,6 +189,7 @@ def model_shape(config: dict[str, Any], source: str = "model config") -> ModelSh
             layer_norms=4 if family in ("gemma2", "gemma3_text") else 2,
             attention_softcap=feats.attn_softcap,
             final_softcap=feats.final_softcap,
+            sliding_window=feats.sliding_window,
         )
     except (TypeError, ValueError) as exc:
         raise UserError(f"{source}: a shape field is not an integer ({exc})") from None
@@ -792,6 +794,18 @@ def _weights(shape: ModelShape, cfg: RunConfig, c: int) -> dict[str, int]:
     return parts
 
 
+def sliding_window_mask_bytes(shape: ModelShape, cfg: RunConfig, seq: int, device: str) -> int:
+    """The sliding-window layers' mask, built once a forward and shared by those layers: SDPA has
+    no window of its own, so transformers hands it a boolean [B, 1, L, L] mask (1 byte an entry)
+    when the window is shorter than the sequence; the full-attention layers pass is_causal and no
+    mask. flex_attention (Gemma 2 on CUDA) takes a block mask instead: a few bytes per block."""
+    if shape.sliding_window is None or shape.sliding_window >= seq:
+        return 0
+    if shape.attention_softcap is not None and not runs_eager_attention(cfg, shape, device):
+        return 0  # flex_attention
+    return _round(cfg.batch_size * seq * seq)
+
+
 def _activation_phases(shape: ModelShape, cfg: RunConfig, c: int, seq: int, tokens: int,
                        device: str) -> dict[str, dict[str, int]]:
     """Activation memory at the two candidate peaks: forward + loss, and the last layer's backward."""
@@ -814,6 +828,9 @@ def _activation_phases(shape: ModelShape, cfg: RunConfig, c: int, seq: int, toke
         stored = {"layer_activations": shape.layers * layer_bytes}
         current_layer = 0
     stored["rope_cache"] = rope
+    masks = sliding_window_mask_bytes(shape, cfg, seq, device)
+    if masks:
+        stored["attention_masks"] = masks
 
     workspace = tokens * layer_backward_workspace_per_token(shape, c)
     if tiles_mlp(cfg, seq):
