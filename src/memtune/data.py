@@ -328,8 +328,7 @@ def _read_dataset_dir(path: Path) -> tuple[list[_Record], list[_Record], list[st
         if any((path / name).is_file() for name in ("dataset_info.json", "dataset_dict.json", "state.json")):
             loaded = datasets.load_from_disk(str(path))
         else:
-            with _offline():
-                loaded = datasets.load_dataset(str(path))
+            loaded = datasets.load_dataset(str(path), download_config=_local_files_only())
     except Exception as exc:
         raise UserError(f"data: {path}: expected a dataset directory (save_to_disk) or a folder of "
                         f"JSONL/JSON/CSV/Parquet files; {_one_line(exc)}") from None
@@ -337,37 +336,28 @@ def _read_dataset_dir(path: Path) -> tuple[list[_Record], list[_Record], list[st
 
 
 def _read_cached_dataset(name: str) -> tuple[list[_Record], list[_Record], list[str], list[str]]:
-    """A `datasets` name, only if it is already in the local cache: no network is used."""
+    """A `datasets` name, only if it is already in the local hub cache: no network is used.
+
+    The cached snapshot is found by huggingface_hub with local_files_only (which never asks the hub),
+    then loaded as a local folder; the process's environment and `datasets.config` are left alone."""
     import datasets
+    from huggingface_hub import snapshot_download
 
     try:
-        with _offline():
-            loaded = datasets.load_dataset(name)
+        local = snapshot_download(name, repo_type="dataset", local_files_only=True)
+        loaded = datasets.load_dataset(local, download_config=_local_files_only())
     except Exception as exc:
         raise UserError(f"data: '{name}' is not a file or directory, and not a dataset in the local cache "
                         f"(no network is used); {_one_line(exc)}") from None
     return _split_records(loaded, name)
 
 
-class _offline:
-    """Forbid hub access while a `datasets` call runs, whatever the environment says."""
+def _local_files_only():
+    """What keeps a `datasets` call off the network: its own setting, for this call only (the
+    process's environment and `datasets.config` stay as the caller has them)."""
+    import datasets
 
-    def __enter__(self):
-        import datasets.config as dc
-
-        self._saved = dc.HF_HUB_OFFLINE
-        dc.HF_HUB_OFFLINE = True
-        self._env = os.environ.get("HF_HUB_OFFLINE")
-        os.environ["HF_HUB_OFFLINE"] = "1"
-
-    def __exit__(self, *exc):
-        import datasets.config as dc
-
-        dc.HF_HUB_OFFLINE = self._saved
-        if self._env is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = self._env
+    return datasets.DownloadConfig(local_files_only=True)
 
 
 def _split_records(loaded, name: str) -> tuple[list[_Record], list[_Record], list[str], list[str]]:

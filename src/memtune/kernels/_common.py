@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import threading
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -124,23 +123,22 @@ def replay_autocast(state: list[tuple[str, bool, Any]]) -> Iterator[None]:
         yield
 
 
-_RECOMPUTE = threading.local()
+_DISCARDED_ATTR = "_memtune_outputs_discarded"
 
 
 @contextlib.contextmanager
-def outputs_discarded() -> Iterator[None]:
-    """Mark a checkpoint recompute whose output values are never read, only its graph.
+def outputs_discarded(layer: nn.Module) -> Iterator[None]:
+    """Mark `layer`'s checkpoint recompute, whose output values are never read, only its graph.
 
-    Kernels that recompute again in their own backward (the tiled MLP) can then
-    skip their forward inside it. Thread local: backward may run on another thread.
-    """
-    previous = getattr(_RECOMPUTE, "discarded", False)
-    _RECOMPUTE.discarded = True
+    Kernels inside it that recompute again in their own backward (the tiled MLP) can then skip
+    their forward. Kept on the layer instance: backward may run on another thread."""
+    previous = layer.__dict__.get(_DISCARDED_ATTR, False)
+    layer.__dict__[_DISCARDED_ATTR] = True
     try:
         yield
     finally:
-        _RECOMPUTE.discarded = previous
+        layer.__dict__[_DISCARDED_ATTR] = previous
 
 
-def outputs_are_discarded() -> bool:
-    return getattr(_RECOMPUTE, "discarded", False)
+def outputs_are_discarded(layer: nn.Module) -> bool:
+    return layer.__dict__.get(_DISCARDED_ATTR, False)

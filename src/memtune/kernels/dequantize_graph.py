@@ -41,9 +41,12 @@ from typing import Callable
 import torch
 from torch import nn
 
+from memtune.kernels._common import decoder_layers
+from memtune.kernels.frozen_4bit import WEIGHT_SOURCE_ATTR, four_bit_linears, has_frozen_4bit_weight, on_short_path
+
 __all__ = ["enable_dequantize_graphs", "disable_dequantize_graphs", "layer_weights", "has_dequantize_graph"]
 
-_ATTR = "_memtune_dequantize_graph"
+_ATTR = WEIGHT_SOURCE_ATTR  # where frozen_4bit.dequantized_once looks for a layer's weights
 # (device, dtype, shapes) -> the flat buffer all layers of that shape share, alive while a graph holds it
 _BUFFERS: "weakref.WeakValueDictionary[tuple, torch.Tensor]" = weakref.WeakValueDictionary()
 _POOLS: dict[int, tuple] = {}  # CUDA device index -> graph memory pool shared by all dequantize graphs
@@ -139,8 +142,6 @@ class LayerDequantizeGraph:
 
 def _graphable_linears(layer: nn.Module) -> list[nn.Module]:
     """The layer's frozen 4-bit linears on the short path whose dequantize writes the compute dtype."""
-    from memtune.kernels.frozen_4bit import four_bit_linears, has_frozen_4bit_weight, on_short_path
-
     return [lin for lin in four_bit_linears(layer)
             if on_short_path(lin) and has_frozen_4bit_weight(lin)
             and lin.weight.quant_state.dtype == getattr(lin, "compute_dtype", None)]
@@ -151,8 +152,6 @@ def enable_dequantize_graphs(model: nn.Module, capture: bool = True) -> int:
 
     Call it once the weights are where they will stay. capture=False replays eagerly (off CUDA).
     Returns how many layers have one. A capture that fails raises; the caller decides what to say."""
-    from memtune.kernels._common import decoder_layers
-
     count = 0
     for layer in decoder_layers(model):
         if layer.__dict__.get(_ATTR) is None:
@@ -170,8 +169,6 @@ def enable_dequantize_graphs(model: nn.Module, capture: bool = True) -> int:
 
 def disable_dequantize_graphs(model: nn.Module) -> int:
     """Drop `model`'s dequantize graphs (its layers dequantize the ordinary way); returns how many."""
-    from memtune.kernels._common import decoder_layers
-
     return sum(layer.__dict__.pop(_ATTR, None) is not None for layer in decoder_layers(model))
 
 

@@ -11,7 +11,7 @@ call dequantizing the same weight again.
 For a frozen weight (LoRA) the arithmetic is short: y = x @ W.T + b with
 W = dequantize(codes), and dL/dx = dL/dy @ W. `_Frozen4bitLinear` does just
 that, with bitsandbytes' own `dequantize_4bit`, and keeps nothing per token.
-Inside `dequantized_once()` each W is dequantized on first use and reused:
+Inside `dequantized_once(module)` each W is dequantized on first use and reused:
 an offloaded checkpoint's recompute and backward open one (the layer's seven
 weights, dequantized once instead of twice: 77 MB in bf16 for the 1.5B
 shape, 436 MB for Llama-3.1-8B, held for that layer's backward), and so does
@@ -28,7 +28,6 @@ layout. Everything else calls the layer's own forward.
 from __future__ import annotations
 
 import contextlib
-import threading
 from typing import Callable, Iterator
 
 import torch
@@ -36,36 +35,52 @@ import torch.nn.functional as F
 from torch import nn
 
 from memtune.kernels._common import restore_forwards, swap_forwards
-from memtune.kernels.dequantize_graph import layer_weights
 
 __all__ = ["enable_frozen_4bit_linears", "disable_frozen_4bit_linears", "dequantized_once", "frozen_4bit_weight",
            "takes_short_path", "has_frozen_4bit_weight", "four_bit_linears", "on_short_path"]
 
 _ATTR = "_memtune_frozen_4bit"
-_SCOPE = threading.local()  # .cache: {id(layer): W} inside dequantized_once(), else None
+# On each 4-bit linear inside an open `dequantized_once` scope: the scope's {id(linear): W}. Kept on the
+# instance (not in a thread local): an offloaded layer's backward may run on another thread.
+_SCOPE_ATTR = "_memtune_weight_scope"
+# On a decoder layer: an object whose .weights() gives its frozen 4-bit weights by id(linear), written
+# now, or None (kernels/dequantize_graph.py installs it; this module only reads it).
+WEIGHT_SOURCE_ATTR = "_memtune_dequantize_graph"
+_LINEARS_ATTR = "_memtune_4bit_linears"  # a module's 4-bit linears, found once
+
+
+def _scope_linears(module: nn.Module) -> list[nn.Module]:
+    linears = module.__dict__.get(_LINEARS_ATTR)
+    if linears is None:
+        linears = module.__dict__[_LINEARS_ATTR] = four_bit_linears(module)
+    return linears
 
 
 @contextlib.contextmanager
-def dequantized_once(layer: nn.Module | None = None) -> Iterator[None]:
-    """Within this block each frozen 4-bit linear dequantizes its weight once (nested: the outer block rules).
-
-    layer: the decoder layer whose pass this is; if it has a dequantize graph (dequantize_graph.py)
-    all its weights are written at the start, by one replay."""
-    if getattr(_SCOPE, "cache", None) is not None:
+def dequantized_once(module: nn.Module) -> Iterator[None]:
+    """Within this block each frozen 4-bit linear of `module` dequantizes its weight once (nested: the
+    outer block rules). module: a decoder layer (whose pass this is) or an MLP; a decoder layer with a
+    dequantize graph (dequantize_graph.py) has all its weights written at the start, by one replay."""
+    linears = [lin for lin in _scope_linears(module) if lin.__dict__.get(_SCOPE_ATTR) is None]
+    if not linears:
         yield
         return
-    _SCOPE.cache = layer_weights(layer) or {}
+    source = module.__dict__.get(WEIGHT_SOURCE_ATTR)
+    cache = (source.weights() if source is not None else None) or {}
+    for lin in linears:
+        lin.__dict__[_SCOPE_ATTR] = cache
     try:
         yield
     finally:
-        _SCOPE.cache = None
+        for lin in linears:
+            lin.__dict__.pop(_SCOPE_ATTR, None)
 
 
 def frozen_4bit_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """W [out, in] in `dtype`: from the scope's cache, or dequantized now (and cached in a scope)."""
     import bitsandbytes.functional as bnbf
 
-    cache = getattr(_SCOPE, "cache", None)
+    cache = layer.__dict__.get(_SCOPE_ATTR)
     weight = cache.get(id(layer)) if cache is not None else None
     if weight is None or weight.dtype != dtype:
         weight = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)

@@ -39,7 +39,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from memtune.kernels.dequantize_graph import has_dequantize_graph
 from memtune.kernels.frozen_4bit import dequantized_once
 from memtune.kernels.host_copy import HostCopy
-from memtune.kernels.saved_attention import (AttentionRecord, install_attention_hook, recording, replaying,
+from memtune.kernels.saved_attention import (AttentionRecord, attention_module, disable_saved_attention,
+                                             enable_saved_attention, recording, replaying,
                                              saved_attention_supported)
 from memtune.kernels._common import (RngState, autocast_state, base_model, decoder_layers, outputs_discarded,
                                      replay_autocast, restore_forward, swap_forward, trainable_params)
@@ -99,7 +100,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         if run.state.save_attention:
             ctx.attention = AttentionRecord()
             ctx.saved.extras.append(ctx.attention)  # moved back together with the layer input
-            record_attention = recording(ctx.attention)
+            record_attention = recording(ctx.attention, run.layer)
         # with a dequantize graph the layer's frozen 4-bit weights are written by one replay for
         # the whole pass; without, each is dequantized where it is used, holding one at a time
         weights = dequantized_once(run.layer) if has_dequantize_graph(run.layer) else contextlib.nullcontext()
@@ -121,8 +122,8 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         # frozen 4-bit weights on the short path: dequantized once for the recompute and the gradients
         with dequantized_once(ctx.run.layer):
             # only the recomputed graph is used below, never `out`'s values (outputs_discarded)
-            with torch.enable_grad(), ctx.rng.replay(), replay_autocast(ctx.autocast), outputs_discarded(), \
-                    replaying(ctx.attention):
+            with torch.enable_grad(), ctx.rng.replay(), replay_autocast(ctx.autocast), outputs_discarded(ctx.run.layer), \
+                    replaying(ctx.attention, ctx.run.layer):
                 out = ctx.run(x, tensors)
             if wanted and out.requires_grad:
                 grads_iter = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True))
@@ -186,6 +187,8 @@ def enable_offloaded_checkpointing(model: nn.Module, save_attention: bool = Fals
     """
     layers = decoder_layers(model)
     state = _PassState(save_attention and saved_attention_skip_reason(model) is None)
+    if state.save_attention:
+        enable_saved_attention(layers)  # idle hooks on the attention modules, active only in record/replay
     for position, layer in enumerate(layers):
         if getattr(layer, _ATTR, None) is not None:
             continue
@@ -197,21 +200,23 @@ def enable_offloaded_checkpointing(model: nn.Module, save_attention: bool = Fals
 
 
 def saved_attention_skip_reason(model: nn.Module) -> str | None:
-    """Why attention cannot be kept from the forward for `model` (None: it can; installs the hook)."""
+    """Why attention cannot be kept from the forward for `model` (None: it can)."""
     implementation = getattr(getattr(base_model(model), "config", None), "_attn_implementation", None)
     if implementation != "sdpa":
         return f"the model's attention is {implementation!r}, not 'sdpa'"
     if not saved_attention_supported():
         return "this torch cannot differentiate from a saved graph edge"
-    if not install_attention_hook("sdpa"):
-        return "transformers' attention registry has no 'sdpa'"
+    if any(attention_module(layer) is None for layer in decoder_layers(model)):
+        return "a decoder layer has no self_attn module"
     return None
 
 
 def disable_offloaded_checkpointing(model: nn.Module) -> int:
     """Undo `enable_offloaded_checkpointing`; returns the number of layers restored."""
     restored = 0
-    for layer in decoder_layers(model):
+    layers = decoder_layers(model)
+    disable_saved_attention(layers)
+    for layer in layers:
         info = restore_forward(layer, _ATTR)
         if info is None:
             continue

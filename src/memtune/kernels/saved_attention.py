@@ -23,9 +23,14 @@ The price is one more [tokens, heads x head_dim] copy each way per layer
 over PCIe (overlapped with compute) and as much host memory: 0.05 GB per
 layer at 16384 tokens for the 1.5B shape.
 
-The hook is transformers' attention registry: "sdpa" is wrapped by a function
-that calls the original unless a layer is being recorded or replayed, so
-every other use of the model (eval, generation, other models) is untouched.
+The hook is on the layer's attention module instance: while its layer is
+being recorded or replayed, its forward runs under a torch function mode that
+intercepts `torch.nn.functional.scaled_dot_product_attention` (the call
+transformers' "sdpa" attention makes) and nothing else; outside those two
+moments the attention module runs untouched, so eval, generation and other
+models are unaffected, and no library registry or class is ever changed. The
+record lives on the module instance, not in a thread local: backward may run
+on another thread.
 Anything the replay cannot match (another attention implementation, attention
 dropout, a layer calling attention a different number of times) falls back to
 recomputing.
@@ -35,21 +40,25 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
 
+from memtune.kernels._common import restore_forwards, swap_forwards
 from memtune.kernels.host_copy import HostCopy
 
-__all__ = ["AttentionRecord", "recording", "replaying", "install_attention_hook", "saved_attention_supported"]
+__all__ = ["AttentionRecord", "recording", "replaying", "enable_saved_attention", "disable_saved_attention",
+           "attention_module", "saved_attention_supported"]
 
 # Saved tensors smaller than this stay where they are (RNG seeds, short statistics).
 _KEEP_BELOW_BYTES = 1 << 20
 # Tests set this to copy (and rebuild) off CUDA too, as on a GPU.
 COPY_OFF_CUDA = False
-_STATE = threading.local()  # .mode ("record" | "replay" | None), .record; backward may run on another thread
+_ATTR = "_memtune_saved_attention"  # on the attention module: {"active": (mode, record) | None, ...}
 
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
@@ -194,26 +203,35 @@ class AttentionRecord:
         self.entries = []
 
 
+def attention_module(layer: nn.Module) -> nn.Module | None:
+    """The decoder layer's attention module (`self_attn` in every Llama-style family)."""
+    attn = getattr(layer, "self_attn", None)
+    return attn if isinstance(attn, nn.Module) else None
+
+
 @contextlib.contextmanager
-def _mode(mode: str | None, record: AttentionRecord | None) -> Iterator[None]:
-    previous = (getattr(_STATE, "mode", None), getattr(_STATE, "record", None))
-    _STATE.mode, _STATE.record = mode, record
+def _mode(layer: nn.Module, mode: str | None, record: AttentionRecord | None) -> Iterator[None]:
+    info = attention_module(layer).__dict__.get(_ATTR) if attention_module(layer) is not None else None
+    if info is None or mode is None:
+        yield
+        return
+    previous, info["active"] = info["active"], (mode, record)
     try:
         yield
     finally:
-        _STATE.mode, _STATE.record = previous
+        info["active"] = previous
 
 
-def recording(record: AttentionRecord) -> contextlib.AbstractContextManager:
-    """Attention calls inside record their graphs into `record` (a checkpointed layer's first forward)."""
-    return _mode("record", record)
+def recording(record: AttentionRecord, layer: nn.Module) -> contextlib.AbstractContextManager:
+    """The layer's attention calls record their graphs into `record` (a checkpointed layer's first forward)."""
+    return _mode(layer, "record", record)
 
 
-def replaying(record: AttentionRecord | None) -> contextlib.AbstractContextManager:
-    """Attention calls inside take their outputs from `record` instead of running (the recompute)."""
+def replaying(record: AttentionRecord | None, layer: nn.Module) -> contextlib.AbstractContextManager:
+    """The layer's attention calls take their outputs from `record` instead of running (the recompute)."""
     if record is not None:
         record.cursor = 0
-    return _mode("replay" if record is not None else None, record)
+    return _mode(layer, "replay" if record is not None else None, record)
 
 
 def _in_autocast_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -236,7 +254,7 @@ def _tensor_args(values) -> list[torch.Tensor]:
 
 def _record_call(record: AttentionRecord, original: Callable, module, query, key, value, attention_mask,
                  args, kwargs):
-    if kwargs.get("dropout"):
+    if kwargs.get("dropout") or kwargs.get("dropout_p"):
         # Attention dropout draws random numbers; a recompute that skipped it would shift every later
         # draw of the layer (LoRA dropout masks) away from the forward's. Such a layer recomputes.
         return original(module, query, key, value, attention_mask, *args, **kwargs)
@@ -294,31 +312,54 @@ def _replay_call(record: AttentionRecord, original: Callable, module, query, key
     return _Replay.apply(entry, *_in_autocast_dtype(query, key, value)), None
 
 
-def _wrap(original: Callable) -> Callable:
-    def attention(module, query, key, value, attention_mask, *args, **kwargs):
-        mode, record = getattr(_STATE, "mode", None), getattr(_STATE, "record", None)
-        if mode == "record":
-            return _record_call(record, original, module, query, key, value, attention_mask, args, kwargs)
-        if mode == "replay":
-            return _replay_call(record, original, module, query, key, value, attention_mask, args, kwargs)
-        return original(module, query, key, value, attention_mask, *args, **kwargs)
-
-    attention._memtune_original = original  # type: ignore[attr-defined]
-    return attention
+def _sdpa(module, query, key, value, attention_mask, *args, **kwargs):
+    """torch's SDPA in the shape of a transformers attention function: (output, weights)."""
+    return F.scaled_dot_product_attention(query, key, value, attention_mask, *args, **kwargs), None
 
 
-def install_attention_hook(implementation: str = "sdpa") -> bool:
-    """Wrap transformers' `implementation` attention function (once); False when it is not registered."""
-    try:
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
-    except ImportError:
-        return False
-    current = ALL_ATTENTION_FUNCTIONS.get(implementation) if hasattr(ALL_ATTENTION_FUNCTIONS, "get") else None
-    if current is None:
-        return False
-    if getattr(current, "_memtune_original", None) is None:
-        AttentionInterface.register(implementation, _wrap(current))
-    return True
+# the torch function a mode sees for SDPA, whatever may wrap `F.scaled_dot_product_attention` later
+_SDPA_FUNCTION = F.scaled_dot_product_attention
+
+
+class _AttentionMode(TorchFunctionMode):
+    """Inside one attention module's forward: SDPA recorded, or replayed from the record."""
+
+    def __init__(self, mode: str, record: AttentionRecord):
+        super().__init__()
+        self.mode, self.record = mode, record
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is not _SDPA_FUNCTION:
+            return func(*args, **kwargs)
+        query, key, value, *rest = args
+        mask = kwargs.pop("attn_mask") if "attn_mask" in kwargs else (rest.pop(0) if rest else None)
+        call = _record_call if self.mode == "record" else _replay_call
+        return call(self.record, _sdpa, None, query, key, value, mask, tuple(rest), kwargs)[0]
+
+
+def _make_attention_forward(attn: nn.Module, original: Callable) -> Callable:
+    def forward(*args: Any, **kwargs: Any):
+        active = attn.__dict__[_ATTR]["active"]
+        if active is None:
+            return original(*args, **kwargs)
+        with _AttentionMode(*active):
+            return original(*args, **kwargs)
+
+    return forward
+
+
+def enable_saved_attention(layers: list[nn.Module]) -> int:
+    """Give each layer's attention module the record/replay hook (idle until `recording`/`replaying`)."""
+    modules = [m for m in map(attention_module, layers) if m is not None]
+    swap_forwards(modules, _ATTR, _make_attention_forward)
+    for module in modules:
+        module.__dict__[_ATTR].setdefault("active", None)
+    return len(modules)
+
+
+def disable_saved_attention(layers: list[nn.Module]) -> int:
+    return restore_forwards([m for m in map(attention_module, layers) if m is not None], _ATTR)
 
 
 @functools.cache  # a property of this torch build

@@ -51,10 +51,10 @@ __all__ = ["enable_tiled_mlp", "disable_tiled_mlp", "tiled_mlp_chunk"]
 _ATTR = "_memtune_tiled_mlp"
 
 
-def _chunked_forward(run: Callable, chunk: int, x: torch.Tensor) -> torch.Tensor:
+def _chunked_forward(mlp: nn.Module, run: Callable, chunk: int, x: torch.Tensor) -> torch.Tensor:
     out = None
     start = 0
-    with torch.no_grad(), dequantized_once():  # frozen 4-bit weights: dequantized once for all chunks
+    with torch.no_grad(), dequantized_once(mlp):  # frozen 4-bit weights: dequantized once for all chunks
         for piece in x.split(chunk, dim=-2):
             y = run(piece)
             if out is None:
@@ -127,28 +127,28 @@ def _down_proj_grad_only(mlp: nn.Module) -> Iterator[None]:
 
 class _TiledMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, mlp: nn.Module, run: Callable, chunk: int, skip_width: int, x: torch.Tensor,
+    def forward(ctx, mlp: nn.Module, layer: nn.Module, run: Callable, chunk: int, skip_width: int, x: torch.Tensor,
                 *params: torch.Tensor):
         ctx.mlp, ctx.run, ctx.chunk, ctx.params = mlp, run, chunk, params
         ctx.rng = RngState(x.device)
         ctx.autocast = autocast_state(x.device.type)
         ctx.save_for_backward(x)
-        if skip_width and outputs_are_discarded():
+        if skip_width and outputs_are_discarded(layer):
             return x.new_zeros(*x.shape[:-1], skip_width)
-        return _chunked_forward(run, chunk, x)
+        return _chunked_forward(mlp, run, chunk, x)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (x,) = ctx.saved_tensors
-        need_x = ctx.needs_input_grad[4]
-        need_p = ctx.needs_input_grad[5:]
+        need_x = ctx.needs_input_grad[5]
+        need_p = ctx.needs_input_grad[6:]
         params = [p for p, need in zip(ctx.params, need_p) if need]
         grad_x = torch.empty_like(x) if need_x else None
         grad_p: list[torch.Tensor | None] = [None] * len(params)
         x = x.detach()
         start = 0
         # the chunks run in the forward's order, so dropout draws the same masks
-        with (torch.enable_grad(), ctx.rng.replay(), replay_autocast(ctx.autocast), dequantized_once(),
+        with (torch.enable_grad(), ctx.rng.replay(), replay_autocast(ctx.autocast), dequantized_once(ctx.mlp),
               _down_proj_grad_only(ctx.mlp)):
             for piece in x.split(ctx.chunk, dim=-2):
                 n = piece.shape[-2]
@@ -168,10 +168,10 @@ class _TiledMLP(torch.autograd.Function):
                 del y
                 start += n
         it = iter(grad_p)
-        return (None, None, None, None, grad_x, *[next(it) if need else None for need in need_p])
+        return (None, None, None, None, None, grad_x, *[next(it) if need else None for need in need_p])
 
 
-def _make_forward(mlp: nn.Module, original: Callable, chunk: int, skip_width: int) -> Callable:
+def _make_forward(mlp: nn.Module, original: Callable, chunk: int, skip_width: int, layer: nn.Module) -> Callable:
     def forward(x: torch.Tensor, *args, **kwargs):
         if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[-2] <= chunk:
             return original(x, *args, **kwargs)  # one chunk: tiling would only add a recompute
@@ -180,8 +180,8 @@ def _make_forward(mlp: nn.Module, original: Callable, chunk: int, skip_width: in
         if not (torch.is_grad_enabled() and (x.requires_grad or params)):
             # nothing to differentiate (eval, or the no-grad first pass of a checkpointed layer):
             # still chunked, so the [tokens, intermediate] tensors never exist whole
-            return _chunked_forward(run, chunk, x)
-        return _TiledMLP.apply(mlp, run, chunk, skip_width, x, *params)
+            return _chunked_forward(mlp, run, chunk, x)
+        return _TiledMLP.apply(mlp, layer, run, chunk, skip_width, x, *params)
 
     return forward
 
@@ -219,7 +219,7 @@ def enable_tiled_mlp(model: nn.Module, chunk_tokens: int) -> int:
             info = {"had_own_forward": "forward" in mlp.__dict__, "original": mlp.forward}
             setattr(mlp, _ATTR, info)
         info["chunk"] = int(chunk_tokens)
-        mlp.forward = _make_forward(mlp, info["original"], int(chunk_tokens), _skippable_width(layer, mlp))
+        mlp.forward = _make_forward(mlp, info["original"], int(chunk_tokens), _skippable_width(layer, mlp), layer)
         count += 1
     return count
 
