@@ -133,6 +133,9 @@ def print_summary(metrics: dict) -> None:
     print(f"median step time: {metrics['step_time_s']:.3f} s   tokens/s: {metrics['tokens_per_s']:,.0f}"
           + (f"   MFU: {metrics['mfu']:.1%}" if metrics.get("mfu") else ""))
     print(f"loss: {metrics['loss_first']:.4f} -> {metrics['loss_last']:.4f}")
+    if "val_loss" in metrics:
+        print(f"validation loss: {metrics['val_losses'][0]['loss']:.4f} (step {metrics['val_losses'][0]['step']}) "
+              f"-> {metrics['val_loss']:.4f} (step {metrics['val_losses'][-1]['step']})")
     if "accuracy_before" in metrics:
         print(f"accuracy: {metrics['accuracy_before']:.3f} -> {metrics['accuracy_after']:.3f} "
               f"({metrics['eval_examples']} held-out examples)")
