@@ -104,6 +104,8 @@ def test_a_trainer_after_apply_trains_as_memtune_train_does(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU test: TRL's fused LM head takes its Triton kernel "
+                                                     "wherever Triton is installed, also for a model on the CPU")
 def test_trl_sft_trainer_after_apply_trains_as_it_does_without_memtune(tmp_path):
     """TRL's SFTTrainer (1.x) computes its loss with its own fused LM head (never the full logits) over
     the forward memtune installs, and its first step already differs from a plain forward of the same

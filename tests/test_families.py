@@ -228,6 +228,9 @@ def test_gemma2_attention_is_never_sdpa():
     config = _config("gemma2")
     assert families.attention_implementation(config, "auto", "cpu")[0] == "eager"
     impl, note = families.attention_implementation(config, "auto", "cuda", compile_reason=None)
+    assert impl == "eager" and "head_dim of at least 16" in note  # the tiny test shape's heads
+    wide = dict(TINY["gemma2"], head_dim=256)
+    impl, note = families.attention_implementation(wide, "auto", "cuda", compile_reason=None)
     assert impl == "flex_attention" and "softcapping" in note
     assert families.attention_implementation(config, "auto", "cuda", "Triton is not installed")[0] == "eager"
     with pytest.raises(UserError, match="attention: sdpa cannot express Gemma 2"):
@@ -437,7 +440,9 @@ def test_bf16_parity_with_every_cuda_technique(family, model_dirs, caplog):
     for label in ("memtune", "bf16"):
         results[label] = (abs(results[label][0] - ref_loss), _relative_error(results[label][1], ref_grads))
     (m_loss, m_grad), (b_loss, b_grad) = results["memtune"], results["bf16"]
-    assert m_loss <= 2 * b_loss + 2e-3, results
+    # bf16 holds about 3 significant digits: a loss near ln(vocab) differs from fp32 by a few 1e-3 in
+    # any bf16 stack (one bf16 ulp at 6.0 is 3.1e-2); 2x the eager bf16 stack's error or 5e-4 of the loss
+    assert m_loss <= max(2 * b_loss, 5e-4 * abs(ref_loss)) + 2e-3, results
     assert m_grad <= 2 * b_grad + 1e-2, results
     assert not [r for r in caplog.records if "recompile" in r.getMessage().lower()]
 

@@ -14,7 +14,11 @@ _WANTS = {"int8_backward": dict(quantization="int8"), "residual_dtype": dict(res
           "gradient_checkpointing": dict(offload_activations=False), "tiled_mlp_chunk": dict(tiled_mlp_chunk=16)}
 
 
-def _model(quantization: str, dtype: torch.dtype) -> nn.Module:
+# What a technique needs installed before it (its supports() says so otherwise).
+_BEFORE = {"dequantize_graph": ("dequantize_once", "offload_activations")}
+
+
+def _model(quantization: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
     from memtune.models import add_lora, quantize_decoder_linears
     from memtune.presets import TINY_DIR
     from transformers import AutoModelForCausalLM
@@ -24,7 +28,7 @@ def _model(quantization: str, dtype: torch.dtype) -> nn.Module:
     cfg = RunConfig(quantization=quantization, lora_dropout=0.0, lora_targets="all-linear")
     if quantization != "none":
         quantize_decoder_linears(model, cfg, dtype)
-        model.to("cpu")
+    model.to(device)  # bitsandbytes quantizes as the weights move
     return add_lora(model, cfg)
 
 
@@ -45,15 +49,18 @@ def _outputs(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 @pytest.mark.parametrize("technique", TECHNIQUES, ids=[t.name for t in TECHNIQUES])
 def test_enable_then_disable_restores_the_forwards_and_the_outputs(technique):
-    cfg = RunConfig(device="cpu", **_WANTS.get(technique.name, {}))
+    cfg = RunConfig(**_WANTS.get(technique.name, {}))
     assert technique.wanted(cfg), f"{technique.name}: the test's configuration does not ask for it"
     if technique.cuda_only and not torch.cuda.is_available():
         pytest.skip("a CUDA-only technique")
+    device = torch.device("cuda" if technique.cuda_only else "cpu")
     quantization = cfg.quantization if technique.name not in ("residual_dtype",) else "none"
     dtype = torch.float32 if quantization == "none" and technique.name != "residual_dtype" else torch.bfloat16
-    model = _model(quantization, dtype)
-    target = Target(model, cfg, torch.device("cpu"), torch.bfloat16 if technique.name == "residual_dtype" else dtype)
-    ids = torch.randint(0, 500, (1, 48))
+    model = _model(quantization, dtype, device)
+    target = Target(model, cfg, device, torch.bfloat16 if technique.name == "residual_dtype" else dtype)
+    for name in _BEFORE.get(technique.name, ()):
+        next(t for t in TECHNIQUES if t.name == name).enable(target)
+    ids = torch.randint(0, 500, (1, 48), device=device)
     before_forwards, before = _forwards(model), _outputs(model, ids)
     assert technique.skip_reason(target) is None
     note = technique.enable(target)

@@ -133,6 +133,19 @@ def final_logit_softcap(config: Any) -> float | None:
     return features(config).final_softcap
 
 
+# torch's flex_attention kernel refuses smaller heads ("NYI: embedding dimension of the query, key, and
+# value must be at least 16", torch 2.11 on the H200): tiny test shapes take eager instead.
+_FLEX_MIN_HEAD_DIM = 16
+
+
+def feats_head_dim(config: Any) -> int:
+    text = _text_config(config)
+    head_dim = _get(text, "head_dim")
+    if not head_dim:
+        head_dim = (_get(text, "hidden_size") or 0) // max(1, _get(text, "num_attention_heads") or 1)
+    return int(head_dim)
+
+
 def attention_implementation(config: Any, requested: str, device_type: str = "cuda",
                              compile_reason: str | None = None) -> tuple[str, str | None]:
     """(attn_implementation for transformers, a note or None) for `requested` ("auto" or a name).
@@ -153,10 +166,11 @@ def attention_implementation(config: Any, requested: str, device_type: str = "cu
         if not needs_score_mod:
             # SDPA picks the flash or memory-efficient kernel: O(L) memory, no [L, L] scores.
             return "sdpa", None
-        if device_type == "cuda" and compile_reason is None:
+        if device_type == "cuda" and compile_reason is None and feats_head_dim(config) >= _FLEX_MIN_HEAD_DIM:
             return "flex_attention", (f"attention: flex_attention, which applies {label}'s attention-logit "
                                       f"softcapping ({feats.attn_softcap:g}) that SDPA cannot express")
-        why = compile_reason or "flex_attention needs torch.compile's GPU kernels"
+        why = compile_reason or ("flex_attention needs torch.compile's GPU kernels" if device_type != "cuda" else
+                                 f"flex_attention's GPU kernel needs a head_dim of at least {_FLEX_MIN_HEAD_DIM}")
         return "eager", (f"attention: eager ({why}; SDPA cannot express {label}'s attention-logit "
                          f"softcapping {feats.attn_softcap:g}): exact, but it holds the [heads, L, L] scores")
     if requested == "sdpa" and needs_score_mod:

@@ -40,9 +40,10 @@ class TensorMemoryTracker(TorchDispatchMode):
     Scratch memory a kernel frees before returning is not a tensor and is not seen.
     """
 
-    def __init__(self, device_type: str = "cpu"):
+    def __init__(self, device_type: str = "cpu", owners: tuple = ()):
         super().__init__()
         self.device_type = device_type
+        self.owners = owners  # what the run holds (model, optimizer); empty = every tensor alive
         self._cpu = device_type == "cpu"
         self.current = 0
         self.peak = 0
@@ -50,9 +51,12 @@ class TensorMemoryTracker(TorchDispatchMode):
         self._allocates: dict[Any, bool] = {}  # operator -> whether its outputs can be new storages
 
     def __enter__(self) -> "TensorMemoryTracker":
-        for obj in gc.get_objects():
-            if issubclass(type(obj), torch.Tensor):  # type(), not isinstance: no module proxy's __class__ runs
-                self._track(obj)
+        # With owners, the tensors alive at the start are theirs only: a process that built other
+        # models before (a notebook, a test session) does not add their memory to this run's.
+        found = _tensors_of(self.owners) if self.owners else (
+            obj for obj in gc.get_objects() if issubclass(type(obj), torch.Tensor))  # type(): no proxy __class__
+        for obj in found:
+            self._track(obj)
         self.peak = self.current
         return super().__enter__()
 
@@ -124,8 +128,24 @@ def _may_allocate(func: Any) -> bool:
 _tracker: TensorMemoryTracker | None = None
 
 
-def reset_peak(device: torch.device) -> None:
-    """Start a peak measurement; on a CPU this starts the tensor tracker (peak_memory stops it)."""
+def _tensors_of(owners: tuple) -> list[torch.Tensor]:
+    """The tensors a run's model and optimizer hold: parameters, buffers, plain tensor attributes
+    (an embedding table kept in host memory), optimizer states."""
+    found: list[torch.Tensor] = []
+    for owner in owners:
+        if isinstance(owner, torch.nn.Module):
+            for module in owner.modules():
+                found += [t for t in module.__dict__.values() if isinstance(t, torch.Tensor)]
+                found += [t for t in module._parameters.values() if t is not None]
+                found += [t for t in module._buffers.values() if t is not None]
+        elif isinstance(owner, torch.optim.Optimizer):
+            found += [t for state in owner.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+    return found
+
+
+def reset_peak(device: torch.device, owners: tuple = ()) -> None:
+    """Start a peak measurement; on a CPU this starts the tensor tracker (peak_memory stops it).
+    owners: the run's model and optimizer, whose tensors alive now count from the start."""
     global _tracker
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -133,7 +153,7 @@ def reset_peak(device: torch.device) -> None:
         return
     _reset_peak_rss()
     stop_tracking()
-    _tracker = TensorMemoryTracker(device.type)
+    _tracker = TensorMemoryTracker(device.type, owners)
     _tracker.__enter__()
 
 

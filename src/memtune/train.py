@@ -349,7 +349,7 @@ def run(cfg: RunConfig, out_dir: Path, log: Callable[[str], None] = print, progr
                    compute_dtype=str(session.built.compute_dtype).replace("torch.", ""))
 
     state = _start_or_resume(session, out_dir, resume_from, log, progress)
-    measure.reset_peak(session.built.device)
+    measure.reset_peak(session.built.device, owners=(session.built.model, session.optimizer))
     losses, timer, grads_bytes = train_loop(session, progress, files, state)
     peaks = measure.peak_memory(session.built.device)
     after = evaluate(session, "after", log, progress)
