@@ -44,7 +44,9 @@ def train_args(data: str, out: Path, *extra: str) -> list[str]:
 
 def env() -> dict[str, str]:
     # one thread: the machine's cores are shared, and every run of a comparison must use the same count
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    # the package's source first, then whatever PYTHONPATH the caller had (a GPU machine's wheels)
+    path = os.pathsep.join(p for p in (str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
 
 
 def resume_args(out: Path, *extra: str) -> list[str]:

@@ -18,7 +18,7 @@ _WANTS = {"int8_backward": dict(quantization="int8"), "residual_dtype": dict(res
 _BEFORE = {"dequantize_graph": ("dequantize_once", "offload_activations")}
 
 
-def _model(quantization: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def _model(quantization: str, dtype: torch.dtype, device: torch.device, untie: bool = False) -> nn.Module:
     from memtune.models import add_lora, quantize_decoder_linears
     from memtune.presets import TINY_DIR
     from transformers import AutoModelForCausalLM
@@ -28,13 +28,19 @@ def _model(quantization: str, dtype: torch.dtype, device: torch.device) -> nn.Mo
     cfg = RunConfig(quantization=quantization, lora_dropout=0.0, lora_targets="all-linear")
     if quantization != "none":
         quantize_decoder_linears(model, cfg, dtype)
+    if untie:  # a table tied to the lm_head stays on the device (embeddings_on_host says so)
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
+        model._tied_weights_keys = None  # transformers would tie them again as the model moves
     model.to(device)  # bitsandbytes quantizes as the weights move
     return add_lora(model, cfg)
 
 
-def _forwards(model: nn.Module) -> dict[str, object]:
-    """Every module's instance-level forward (a swapped one), by module name."""
-    return {name: m.__dict__["forward"] for name, m in model.named_modules() if "forward" in m.__dict__}
+def _forwards(model: nn.Module) -> dict[tuple[str, str], object]:
+    """Every module's instance-level forward (a swapped one) and memtune attribute, by module name
+    (a module's list of its 4-bit linears is a cache, made when first needed, and not compared)."""
+    return {(name, key): value for name, m in model.named_modules() for key, value in m.__dict__.items()
+            if key == "forward" or (key.startswith("_memtune") and key != "_memtune_4bit_linears")}
 
 
 def _outputs(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +62,7 @@ def test_enable_then_disable_restores_the_forwards_and_the_outputs(technique):
     device = torch.device("cuda" if technique.cuda_only else "cpu")
     quantization = cfg.quantization if technique.name not in ("residual_dtype",) else "none"
     dtype = torch.float32 if quantization == "none" and technique.name != "residual_dtype" else torch.bfloat16
-    model = _model(quantization, dtype, device)
+    model = _model(quantization, dtype, device, untie=technique.name == "embeddings_on_host")
     target = Target(model, cfg, device, torch.bfloat16 if technique.name == "residual_dtype" else dtype)
     for name in _BEFORE.get(technique.name, ()):
         next(t for t in TECHNIQUES if t.name == name).enable(target)
@@ -93,3 +99,16 @@ def test_the_estimate_terms_of_a_technique_come_and_go_with_it():
         # each term exists with the technique and not without it, or moves between GPU and host
         assert any((t in on.breakdown) != (t in without.breakdown) or (t in on.host_bytes) != (t in without.host_bytes)
                    for t in terms), name
+
+
+def test_help_is_one_or_two_lines_and_every_technique_has_its_docs_section():
+    from pathlib import Path
+
+    from memtune.cli import HELP_CHARS, short_help
+    from memtune.config import field_help
+
+    helps = field_help()
+    assert all(len(short_help(helps.get(name, ""))) <= HELP_CHARS + 4 for name in FIELD_NAMES)
+    docs = (Path(__file__).parents[1] / "docs" / "techniques.md").read_text()
+    for technique in TECHNIQUES:
+        assert f"## `{technique.name}`" in docs, technique.name

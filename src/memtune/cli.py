@@ -52,24 +52,38 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
     Defaults are SUPPRESSed so that only flags the user typed override the YAML.
     """
-    from memtune.config import RunConfig, field_help
+    from memtune.config import RunConfig, field_help, sections
 
     helps = field_help()
-    parser.add_argument("--config", metavar="YAML", help="a YAML file of config keys; flags override it")
+    parser.add_argument("--config", metavar="YAML", help="a YAML file of config keys (flat or by section); flags override it")
+    groups = {name: parser.add_argument_group(f"{name} options") for name in sections()}
+    section_of = {field: name for name, names in sections().items() for field in names}
     for f in fields(RunConfig):
+        target = groups.get(section_of.get(f.name), parser)
         flag = "--" + f.name.replace("_", "-")
-        text = helps.get(f.name, "").replace("%", "%%")  # argparse %-formats help strings
+        text = short_help(helps.get(f.name, "")).replace("%", "%%")  # argparse %-formats help strings
         default_text = f"(default: {f.default})"
         if f.type in ("bool", bool):
-            parser.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS,
+            target.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS,
                                 help=f"{text} {default_text}")
             # on-by-default switches show their off flag
-            parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
+            target.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
                                 default=argparse.SUPPRESS,
                                 help=f"turn {flag} off" if f.default is True else argparse.SUPPRESS)
         else:
-            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar="VALUE",
+            target.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar="VALUE",
                                 help=f"{text} {default_text}")
+
+
+HELP_CHARS = 90  # one or two lines an option; what each technique costs and buys is in docs/techniques.md
+
+
+def short_help(text: str) -> str:
+    """The first sentence of a field's comment, within HELP_CHARS."""
+    sentence = re.split(r"(?<=\.)\s", text.strip(), maxsplit=1)[0].rstrip(".")
+    if len(sentence) > HELP_CHARS:
+        sentence = sentence[:HELP_CHARS].rsplit(" ", 1)[0] + " ..."
+    return sentence
 
 
 def config_from_args(args: argparse.Namespace, overrides: dict[str, Any] | None = None):

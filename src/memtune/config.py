@@ -63,12 +63,12 @@ class RunConfig:
     # "default" = peft's default for the architecture (q_proj, v_proj for
     # Qwen2/Llama), "all-linear", or a list of module names.
     lora_targets: Union[str, tuple[str, ...]] = "default"
-    # compute = the adapter matmuls run in the compute dtype (bf16), as they do
+    # LoRA matmuls in the compute dtype (compute) or peft's fp32 path (fp32). compute = the adapter matmuls run in the compute dtype (bf16), as they do
     # under autocast, with fp32 master weights; fp32 = peft's own path, which
     # casts each adapted layer's input to fp32 and keeps that copy for
     # backward (2x the bytes of the input, once per adapted module).
     lora_matmul: LoraMatmul = "compute"
-    # The residual stream (the hidden states between and around the layers'
+    # The residual stream in the compute dtype or fp32. The residual stream (the hidden states between and around the layers'
     # sublayers) in the compute dtype, or in fp32 with the matmuls and
     # attention under bf16/fp16 autocast, as `Trainer(bf16=True)` runs a model
     # whose norms were upcast: LoRA gradients as close to an fp32 run as
@@ -80,15 +80,17 @@ class RunConfig:
     residual_dtype: ResidualDtype = "compute"
 
     # --- memory techniques -------------------------------------------------
-    # On by default: measured together on the H200
+    # Each technique below is switchable; on by default, measured together on the H200
     # (1.5B shape, 16384 tokens) they take 2.59 GB instead of 5.29 GB and run
     # 17% faster (31,849 against 27,129 tokens/s; benchmarks/results/compare-h200.md).
-    gradient_checkpointing: bool = True  # recompute activations: less memory, ~30% more time
+
+    # Recompute each layer's activations in backward: less memory, ~30% more time.
+    gradient_checkpointing: bool = True
     # Keep the checkpointed layer inputs in pinned host memory, copied on a
     # side stream: GPU activation memory no longer grows with depth. Needs
     # gradient_checkpointing (with it off there are no checkpoints to move).
     offload_activations: bool = True
-    # With offloaded checkpoints: keep each layer's attention output and
+    # Keep each layer's attention output from the forward (with offloaded checkpoints). With offloaded checkpoints: keep each layer's attention output and
     # softmax statistics from the forward, in host memory beside the layer's
     # input, so that the backward's recompute skips attention (28 attention
     # forwards a step for the 1.5B shape). Costs one more [tokens, hidden]
@@ -128,7 +130,7 @@ class RunConfig:
     # path, it made 34,324 and 35,365 tokens/s against 31,603 and 29,937
     # (compare-h200-12.log).
     dequantize_once: bool = True
-    # With dequantize_once and offloaded checkpoints on a CUDA GPU: capture each
+    # Each layer's frozen 4-bit dequantizes replayed as one CUDA graph. With dequantize_once and offloaded checkpoints on a CUDA GPU: capture each
     # decoder layer's frozen 4-bit dequantize kernels once as a CUDA graph and
     # replay it at the start of the layer's forward and backward (one launch
     # instead of 21 kernels and bitsandbytes' Python for the 1.5B shape). All
@@ -167,7 +169,7 @@ class RunConfig:
     # same peak (2.59 GB); the loss's elementwise kernels fall from about 30 ms
     # a step to under 10 (benchmarks/results/profile-16k-fuse-loss-h200.txt).
     fuse_loss: bool = True
-    # What fuse_loss runs on CUDA: triton = a hand-written kernel
+    # The loss chunk kernel on CUDA: triton or compiled. triton = a hand-written kernel
     # (kernels/cross_entropy_triton.py: online softmax, two reads of the chunk
     # logits, the gradient written over them in place, so no second [chunk,
     # vocab] buffer); compiled = chunk_loss_and_grad under torch.compile. One
