@@ -56,17 +56,20 @@ def _make_forward(layer: nn.Module, original: Callable) -> Callable:
     return forward
 
 
-def _int8_linears(model: nn.Module) -> list[nn.Module]:
-    import bitsandbytes as bnb
-
+def int8_linears(model: nn.Module) -> list[nn.Module]:
+    """The model's bitsandbytes int8 linears (none where bitsandbytes is not installed)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return []
     return [m for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
 
 
 def enable_frozen_int8_backward(model: nn.Module) -> int:
     """Swap the forward of every bitsandbytes Linear8bitLt instance; return how many. Idempotent."""
-    return swap_forwards(_int8_linears(model), _ATTR, _make_forward)
+    return swap_forwards(int8_linears(model), _ATTR, _make_forward)
 
 
 def disable_frozen_int8_backward(model: nn.Module) -> int:
     """Undo `enable_frozen_int8_backward`; returns the number of layers restored."""
-    return restore_forwards(_int8_linears(model), _ATTR)
+    return restore_forwards(int8_linears(model), _ATTR)

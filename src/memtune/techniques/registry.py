@@ -97,11 +97,9 @@ def _has_modules(kind: Callable[[nn.Module], list], what: str) -> Callable[[Targ
 
 
 def _int8_linears(model: nn.Module) -> list[nn.Module]:
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return []
-    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    from memtune.kernels.int8_backward import int8_linears
+
+    return int8_linears(model)
 
 
 def _four_bit_linears(model: nn.Module) -> list[nn.Module]:
