@@ -136,10 +136,24 @@ def _tensors_of(owners: tuple) -> list[torch.Tensor]:
         if isinstance(owner, torch.nn.Module):
             for module in owner.modules():
                 found += [t for t in module.__dict__.values() if isinstance(t, torch.Tensor)]
-                found += [t for t in module._parameters.values() if t is not None]
+                params = [t for t in module._parameters.values() if t is not None]
+                found += params
+                for param in params:  # bitsandbytes keeps its scales beside the codes (quant_state, SCB)
+                    found += _attached_tensors(param)
                 found += [t for t in module._buffers.values() if t is not None]
         elif isinstance(owner, torch.optim.Optimizer):
             found += [t for state in owner.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+    return found
+
+
+def _attached_tensors(obj: Any, depth: int = 0) -> list[torch.Tensor]:
+    """Tensors held in an object's attributes, through nested quantization states (double quant)."""
+    found = []
+    for value in getattr(obj, "__dict__", {}).values():
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif depth < 2 and type(value).__name__ == "QuantState":
+            found += _attached_tensors(value, depth + 1)
     return found
 
 
