@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from memtune.config import FIELD_NAMES, LEGACY_VALUES, RunConfig
-from memtune.techniques import TECHNIQUES, Target
+from memtune.techniques import BY_NAME, TECHNIQUES, Target
 
 # A configuration that asks for every technique (each entry's `wanted`), on the model it suits.
 _WANTS = {"int8_backward": dict(quantization="int8"), "residual_dtype": dict(residual_dtype="fp32"),
@@ -65,7 +65,7 @@ def test_enable_then_disable_restores_the_forwards_and_the_outputs(technique):
     model = _model(quantization, dtype, device, untie=technique.name == "embeddings_on_host")
     target = Target(model, cfg, device, torch.bfloat16 if technique.name == "residual_dtype" else dtype)
     for name in _BEFORE.get(technique.name, ()):
-        next(t for t in TECHNIQUES if t.name == name).enable(target)
+        BY_NAME[name].enable(target)
     ids = torch.randint(0, 500, (1, 48), device=device)
     before_forwards, before = _forwards(model), _outputs(model, ids)
     assert technique.skip_reason(target) is None
@@ -94,7 +94,7 @@ def test_the_estimate_terms_of_a_technique_come_and_go_with_it():
     on = estimate_memory(base)
     for name, off in (("offload_activations", dict(offload_activations=False)),
                       ("embeddings_on_host", dict(embeddings_on_host=False))):
-        terms = next(t for t in TECHNIQUES if t.name == name).estimate_terms
+        terms = BY_NAME[name].estimate_terms
         without = estimate_memory(base.replace(**off))
         # each term exists with the technique and not without it, or moves between GPU and host
         assert any((t in on.breakdown) != (t in without.breakdown) or (t in on.host_bytes) != (t in without.host_bytes)

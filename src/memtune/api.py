@@ -26,8 +26,7 @@ from memtune.techniques import BY_NAME, ApplyReport, Target, apply_techniques
 # The fields memtune.apply reads: the techniques' own switches and the settings they take. What the
 # build decides (quantization, LoRA, the weights) is read off the model itself.
 APPLY_OPTIONS: frozenset[str] = frozenset(
-    {name for t in BY_NAME.values() for name in (t.name, *t.fields)} - {"int8_backward"}
-    | {"compute_dtype", "lora_matmul", "dequantize_once", "save_attention", "gradient_checkpointing"})
+    {name for t in BY_NAME.values() for name in (t.name, *t.fields)} - {"int8_backward"} | {"compute_dtype"})
 
 
 def _config(options: dict[str, Any], source: str) -> RunConfig:
@@ -99,14 +98,15 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def _built_as(model: nn.Module) -> dict[str, Any]:
     """The build-time fields, read off the model: its quantization and whether it carries LoRA."""
     from memtune.kernels.frozen_4bit import four_bit_linears
-    from memtune.techniques.registry import _int8_linears, _lora_modules
+    from memtune.kernels.int8_backward import int8_linears
+    from memtune.kernels.lora import _lora_modules
 
     four_bit = four_bit_linears(model)
     if four_bit:
         quant_type = getattr(four_bit[0].weight, "quant_type", "nf4")
         quantization = quant_type if quant_type in ("nf4", "fp4") else "nf4"
     else:
-        quantization = "int8" if _int8_linears(model) else "none"
+        quantization = "int8" if int8_linears(model) else "none"
     lora = bool(_lora_modules(model))
     trains_all = not lora and all(p.requires_grad for p in model.parameters())
     return {"quantization": quantization, "lora": lora or not trains_all}

@@ -72,10 +72,8 @@ def lm_loss(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, cfg: R
 
 def _softcap_kwargs(model: nn.Module) -> dict[str, Any]:
     """The final-logit softcap of the model's family (Gemma 2), where the loss kernel takes one."""
-    try:
-        from memtune.families import final_logit_softcap
-    except ImportError:
-        return {}
+    from memtune.families import final_logit_softcap
+
     cap = final_logit_softcap(base_model(model).config)
     return {"softcap": cap} if cap else {}
 
@@ -134,13 +132,19 @@ def install_chunked_loss_forward(model: nn.Module, cfg: RunConfig) -> str | None
     """Give the causal LM instance under `model` a forward that, in training mode with labels and
     gradients on, returns memtune's chunked loss and no logits; anything else (eval, generation,
     no labels) runs the model's own forward. Returns why it cannot be installed, or None."""
+    reason = chunked_loss_skip_reason(model)
+    if reason is None:
+        swap_forward(base_model(model), _ATTR, lambda module, original: _chunked_loss_forward(module, original, cfg))
+    return reason
+
+
+def chunked_loss_skip_reason(model: nn.Module) -> str | None:
+    """Why the chunked loss cannot serve `model`, or None when it can."""
     lm = base_model(model)
     if chunkable_head(lm) is None:
-        head = lm.get_output_embeddings()
-        return f"the lm_head is {type(head).__name__}, not a plain nn.Linear to chunk over"
+        return f"the lm_head is {type(lm.get_output_embeddings()).__name__}, not a plain nn.Linear to chunk over"
     if not callable(getattr(lm, "get_decoder", None)):
         return f"{type(lm).__name__} has no get_decoder()"
-    swap_forward(lm, _ATTR, lambda module, original: _chunked_loss_forward(module, original, cfg))
     return None
 
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from memtune.config import RunConfig, parse_memory_size
 from memtune.errors import UserError
-from memtune.loss import compile_unavailable_reason  # noqa: F401 - re-exported
+from memtune.loss import compile_unavailable_reason
 from memtune.presets import PRESETS, TINY_DIR, is_preset, preset_config_dict
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -28,7 +28,7 @@ from memtune.errors import UserError
 from memtune.estimate import estimate_memory, gib
 from memtune.kernels._common import base_model
 from memtune.loss import forward_loss
-from memtune.models import BuiltModel, build_model, compile_unavailable_reason, count_parameters, trainable_line
+from memtune.models import BuiltModel, build_model, count_parameters, trainable_line
 from memtune.stop import StopRequest, Stopped, stop_on_signals
 from memtune.train_log import TrainLog, peak_so_far_bytes, plot_losses, require_sink
 

@@ -16,7 +16,7 @@ multiplies the gradient by 1 - tanh^2: the same two reads and one write.
 Writing in place also drops the compiled path's separate [C, V] gradient
 buffer (156 MB a 512-token chunk). It is the same scheme as Liger-Kernel's
 cross-entropy kernel; the chunking, the ignored labels and the matmuls stay in
-`cross_entropy.py`. CUDA with Triton only (memtune.models.compile_unavailable_reason).
+`cross_entropy.py`. CUDA with Triton only (memtune.loss.compile_unavailable_reason).
 """
 
 from __future__ import annotations

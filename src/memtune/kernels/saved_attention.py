@@ -211,7 +211,8 @@ def attention_module(layer: nn.Module) -> nn.Module | None:
 
 @contextlib.contextmanager
 def _mode(layer: nn.Module, mode: str | None, record: AttentionRecord | None) -> Iterator[None]:
-    info = attention_module(layer).__dict__.get(_ATTR) if attention_module(layer) is not None else None
+    attn = attention_module(layer)
+    info = attn.__dict__.get(_ATTR) if attn is not None else None
     if info is None or mode is None:
         yield
         return

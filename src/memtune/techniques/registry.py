@@ -31,7 +31,17 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from memtune import kernels
 from memtune.config import RunConfig
+from memtune.families import technique_skip_reason
+from memtune.kernels._common import base_model
+from memtune.kernels.frozen_4bit import four_bit_linears, on_short_path
+from memtune.kernels.int8_backward import (disable_frozen_int8_backward, enable_frozen_int8_backward,
+                                           int8_linears)
+from memtune.kernels.lora import _lora_modules
+from memtune.kernels.norm_dtype import disable_norm_output_dtype, enable_norm_output_dtype
+from memtune.loss import (chunked_loss_skip_reason, compile_unavailable_reason, install_chunked_loss_forward,
+                          loss_chunk_kernel, remove_chunked_loss_forward)
 
 
 @dataclass
@@ -67,13 +77,7 @@ class Technique:
 
 
 def _family_reason(name: str, model: nn.Module) -> str | None:
-    """What the model's architecture says about this technique (memtune.families), if it knows."""
-    try:
-        from memtune.families import technique_skip_reason
-    except ImportError:
-        return None
-    from memtune.kernels._common import base_model
-
+    """What the model's architecture says about this technique (memtune.families)."""
     config = getattr(base_model(model), "config", None)
     return technique_skip_reason(name, config) if config is not None else None
 
@@ -85,8 +89,6 @@ def _count_note(name: str, count: int, what: str) -> str:
 
 
 def _compile_reason(target: Target) -> str | None:
-    from memtune.loss import compile_unavailable_reason
-
     return compile_unavailable_reason(target.device)
 
 
@@ -96,102 +98,36 @@ def _has_modules(kind: Callable[[nn.Module], list], what: str) -> Callable[[Targ
     return supports
 
 
-def _int8_linears(model: nn.Module) -> list[nn.Module]:
-    from memtune.kernels.int8_backward import int8_linears
-
-    return int8_linears(model)
-
-
-def _four_bit_linears(model: nn.Module) -> list[nn.Module]:
-    from memtune.kernels.frozen_4bit import four_bit_linears
-
-    return four_bit_linears(model)
-
-
-def _lora_modules(model: nn.Module) -> list[nn.Module]:
-    from memtune.kernels.lora import _lora_modules as find
-
-    return find(model)
-
-
 # --- the entries, in order of installation -------------------------------------------------
 
 def _enable_int8(target: Target) -> str:
-    from memtune.kernels import enable_frozen_int8_backward
-
     return _count_note("int8_backward", enable_frozen_int8_backward(target.model),
                        "int8 linears keep no input for backward")
 
 
-def _disable_int8(model: nn.Module) -> int:
-    from memtune.kernels.int8_backward import disable_frozen_int8_backward
-
-    return disable_frozen_int8_backward(model)
-
-
 def _enable_dequantize_once(target: Target) -> str:
-    from memtune.kernels import enable_frozen_4bit_linears
-
-    return _count_note("dequantize_once", enable_frozen_4bit_linears(target.model),
+    return _count_note("dequantize_once", kernels.enable_frozen_4bit_linears(target.model),
                        "frozen 4-bit linears on memtune's short path")
 
 
-def _disable_dequantize_once(model: nn.Module) -> int:
-    from memtune.kernels import disable_frozen_4bit_linears
-
-    return disable_frozen_4bit_linears(model)
-
-
 def _enable_lora_matmul(target: Target) -> str:
-    from memtune.kernels import enable_compute_dtype_lora
-
-    return _count_note("lora_matmul", enable_compute_dtype_lora(target.model),
+    return _count_note("lora_matmul", kernels.enable_compute_dtype_lora(target.model),
                        "LoRA modules run their matmuls in the compute dtype")
 
 
-def _disable_lora_matmul(model: nn.Module) -> int:
-    from memtune.kernels import disable_compute_dtype_lora
-
-    return disable_compute_dtype_lora(model)
-
-
 def _enable_fused_elementwise(target: Target) -> str:
-    from memtune.kernels import enable_fused_elementwise
-
-    count = enable_fused_elementwise(target.model, static_training=target.cfg.compile_static_shapes)
+    count = kernels.enable_fused_elementwise(target.model, static_training=target.cfg.compile_static_shapes)
     return _count_note("fuse_elementwise", count, "RMSNorm/MLP modules compiled (the first steps compile)")
 
 
-def _disable_fused_elementwise(model: nn.Module) -> int:
-    from memtune.kernels import disable_fused_elementwise
-
-    return disable_fused_elementwise(model)
-
-
 def _enable_fused_rope(target: Target) -> str:
-    from memtune.kernels import enable_fused_rope
-
-    count = enable_fused_rope(target.model, static_training=target.cfg.compile_static_shapes)
+    count = kernels.enable_fused_rope(target.model, static_training=target.cfg.compile_static_shapes)
     return _count_note("fuse_rope", count, "attention modules with compiled RoPE")
 
 
-def _disable_fused_rope(model: nn.Module) -> int:
-    from memtune.kernels import disable_fused_rope
-
-    return disable_fused_rope(model)
-
-
 def _enable_residual_fp32(target: Target) -> str:
-    from memtune.kernels.norm_dtype import enable_norm_output_dtype
-
     count = enable_norm_output_dtype(target.model, target.compute_dtype)
     return _count_note("residual_dtype", count, "RMSNorms hand the matmuls the compute dtype (fp32 residual)")
-
-
-def _disable_residual_fp32(model: nn.Module) -> int:
-    from memtune.kernels.norm_dtype import disable_norm_output_dtype
-
-    return disable_norm_output_dtype(model)
 
 
 def _residual_fp32_supported(target: Target) -> str | None:
@@ -199,11 +135,9 @@ def _residual_fp32_supported(target: Target) -> str | None:
 
 
 def _enable_offload(target: Target) -> str:
-    from memtune.kernels import enable_offloaded_checkpointing, saved_attention_skip_reason
-
     cfg = target.cfg
-    reason = saved_attention_skip_reason(target.model) if cfg.saves_attention else None
-    enable_offloaded_checkpointing(target.model, save_attention=cfg.saves_attention and reason is None)
+    reason = kernels.saved_attention_skip_reason(target.model) if cfg.saves_attention else None
+    kernels.enable_offloaded_checkpointing(target.model, save_attention=cfg.saves_attention and reason is None)
     _cache_off(target.model)
     note = "offload_activations: memtune's checkpointing, layer inputs offloaded to host memory"
     if cfg.saves_attention:
@@ -212,15 +146,7 @@ def _enable_offload(target: Target) -> str:
     return note
 
 
-def _disable_offload(model: nn.Module) -> int:
-    from memtune.kernels import disable_offloaded_checkpointing
-
-    return disable_offloaded_checkpointing(model)
-
-
 def _enable_hf_checkpointing(target: Target) -> str:
-    from memtune.kernels._common import base_model
-
     # Non-reentrant checkpointing needs no input that requires grad, so the frozen embeddings
     # need no hook (peft's enable_input_require_grads). transformers renamed the method in 5.2x.
     base = base_model(target.model)
@@ -234,16 +160,12 @@ def _enable_hf_checkpointing(target: Target) -> str:
 
 
 def _disable_hf_checkpointing(model: nn.Module) -> None:
-    from memtune.kernels._common import base_model
-
     base = base_model(model)
     disable = getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable
     disable()
 
 
 def _hf_checkpointing_supported(target: Target) -> str | None:
-    from memtune.kernels._common import base_model
-
     base = base_model(target.model)
     if not getattr(base, "supports_gradient_checkpointing", False):
         return f"{type(base).__name__} does not support gradient checkpointing"
@@ -251,128 +173,74 @@ def _hf_checkpointing_supported(target: Target) -> str | None:
 
 
 def _cache_off(model: nn.Module) -> None:
-    from memtune.kernels._common import base_model
-
     base_model(model).config.use_cache = False  # a checkpointed training forward must not fill a KV cache
 
 
 def _enable_tiled_mlp(target: Target) -> str:
-    from memtune.kernels import enable_tiled_mlp
-
-    count = enable_tiled_mlp(target.model, target.cfg.tiled_mlp_chunk)
+    count = kernels.enable_tiled_mlp(target.model, target.cfg.tiled_mlp_chunk)
     return _count_note("tiled_mlp_chunk", count, f"MLPs run over {target.cfg.tiled_mlp_chunk}-token chunks")
 
 
-def _disable_tiled_mlp(model: nn.Module) -> int:
-    from memtune.kernels import disable_tiled_mlp
-
-    return disable_tiled_mlp(model)
-
-
 def _enable_host_embeddings(target: Target) -> str:
-    from memtune.kernels import enable_host_embeddings
-
-    reason = enable_host_embeddings(target.model)
+    reason = kernels.enable_host_embeddings(target.model)
     return ("embeddings_on_host: the input-embedding table is in host memory" if reason is None
             else f"embeddings_on_host: kept on the device, {reason}")
 
 
-def _host_embeddings_supported(target: Target) -> str | None:
-    from memtune.kernels import host_embeddings_skip_reason
-
-    return host_embeddings_skip_reason(target.model)
-
-
-def _disable_host_embeddings(model: nn.Module) -> bool:
-    from memtune.kernels import disable_host_embeddings
-
-    return disable_host_embeddings(model)
-
-
 def _enable_dequantize_graphs(target: Target) -> str:
-    from memtune.kernels import disable_dequantize_graphs, enable_dequantize_graphs
-
     try:
-        count = enable_dequantize_graphs(target.model)
+        count = kernels.enable_dequantize_graphs(target.model)
     except (RuntimeError, ValueError) as exc:  # a capture the driver or a kernel refuses: the ordinary way
-        disable_dequantize_graphs(target.model)
+        kernels.disable_dequantize_graphs(target.model)
         return f"dequantize_graph: skipped, the capture failed ({str(exc).splitlines()[0][:120]})"
     return _count_note("dequantize_graph", count,
                        "decoder layers dequantize their frozen 4-bit weights by one CUDA graph replay")
 
 
-def _disable_dequantize_graphs(model: nn.Module) -> int:
-    from memtune.kernels import disable_dequantize_graphs
-
-    return disable_dequantize_graphs(model)
-
-
 def _dequantize_graphs_supported(target: Target) -> str | None:
-    from memtune.kernels import is_offloaded_checkpointing
-    from memtune.kernels.frozen_4bit import on_short_path
-
-    if not any(on_short_path(m) for m in _four_bit_linears(target.model)):
+    if not any(on_short_path(m) for m in four_bit_linears(target.model)):
         return "no frozen 4-bit linears on the short path (dequantize_once)"
-    if not is_offloaded_checkpointing(target.model):
+    if not kernels.is_offloaded_checkpointing(target.model):
         return "the layers are not on memtune's offloaded checkpointing"
     return None
 
 
 def _enable_chunked_loss(target: Target) -> str:
-    from memtune.loss import install_chunked_loss_forward
-
     install_chunked_loss_forward(target.model, target.cfg)
-    kernel = target.cfg.loss_kernel if target.cfg.fuse_loss and _compile_reason(target) is None else "unfused"
+    kernel = {"triton": "triton", True: "compiled", False: "unfused"}[loss_chunk_kernel(target.cfg, target.device)]
     return (f"loss: chunked ({target.cfg.loss_chunk_tokens}-token chunks, {kernel} kernel); "
             "model(input_ids, labels=...) in training mode returns it without logits")
-
-
-def _chunked_loss_supported(target: Target) -> str | None:
-    from memtune.loss import chunkable_head
-
-    if chunkable_head(target.model) is None:
-        from memtune.kernels._common import base_model
-
-        head = base_model(target.model).get_output_embeddings()
-        return f"the lm_head is {type(head).__name__}, not a plain nn.Linear to chunk over"
-    return None
-
-
-def _disable_chunked_loss(model: nn.Module) -> int:
-    from memtune.loss import remove_chunked_loss_forward
-
-    return remove_chunked_loss_forward(model)
 
 
 TECHNIQUES: tuple[Technique, ...] = (
     Technique("int8_backward", "int8 linears keep no copy of their input for backward",
               wanted=lambda cfg: cfg.quantization == "int8",
-              supports=_has_modules(_int8_linears, "bitsandbytes int8 linears"),
-              enable=_enable_int8, disable=_disable_int8, legacy_value=None),
+              supports=_has_modules(int8_linears, "bitsandbytes int8 linears"),
+              enable=_enable_int8, disable=disable_frozen_int8_backward, legacy_value=None),
     Technique("dequantize_once", "frozen 4-bit linears on a short path, each weight dequantized once a pass",
               wanted=lambda cfg: cfg.dequantize_once and cfg.quantization in ("nf4", "fp4"),
-              supports=_has_modules(_four_bit_linears, "bitsandbytes 4-bit linears"),
-              enable=_enable_dequantize_once, disable=_disable_dequantize_once,
+              supports=_has_modules(four_bit_linears, "bitsandbytes 4-bit linears"),
+              enable=_enable_dequantize_once, disable=kernels.disable_frozen_4bit_linears,
               estimate_terms=("dequantized_weights",), legacy_value=False),
     Technique("lora_matmul", "LoRA matmuls in the compute dtype from fp32 master weights",
               wanted=lambda cfg: cfg.lora and cfg.lora_matmul == "compute",
               supports=_has_modules(_lora_modules, "peft LoRA modules"),
-              enable=_enable_lora_matmul, disable=_disable_lora_matmul, legacy_value="fp32"),
+              enable=_enable_lora_matmul, disable=kernels.disable_compute_dtype_lora, legacy_value="fp32"),
     Technique("fuse_elementwise", "RMSNorm and silu(gate) * up as compiled kernels",
               wanted=lambda cfg: cfg.fuse_elementwise, supports=_compile_reason,
-              enable=_enable_fused_elementwise, disable=_disable_fused_elementwise,
+              enable=_enable_fused_elementwise, disable=kernels.disable_fused_elementwise,
               cuda_only=True, legacy_value=False, fields=("compile_static_shapes",)),
     Technique("fuse_rope", "the rotary embedding of q and k as one compiled kernel each way",
               wanted=lambda cfg: cfg.fuse_rope, supports=_compile_reason,
-              enable=_enable_fused_rope, disable=_disable_fused_rope,
+              enable=_enable_fused_rope, disable=kernels.disable_fused_rope,
               cuda_only=True, legacy_value=False, fields=("compile_static_shapes",)),
     Technique("residual_dtype", "an fp32 residual stream, the matmuls and attention in the compute dtype",
               wanted=lambda cfg: cfg.residual_dtype == "fp32", supports=_residual_fp32_supported,
-              enable=_enable_residual_fp32, disable=_disable_residual_fp32,
+              enable=_enable_residual_fp32, disable=disable_norm_output_dtype,
               estimate_terms=("checkpoints", "rope_cache"), legacy_value="compute"),
     Technique("offload_activations", "per-layer checkpoints (and saved attention) in pinned host memory",
               wanted=lambda cfg: cfg.offloads_checkpoints, supports=lambda target: None,
-              enable=_enable_offload, disable=_disable_offload,
+              enable=_enable_offload, disable=kernels.disable_offloaded_checkpointing,
               estimate_terms=("offloaded_checkpoints", "saved_attention"), legacy_value=None,
               fields=("gradient_checkpointing", "save_attention")),
     Technique("gradient_checkpointing", "transformers' own gradient checkpointing (checkpoints on the device)",
@@ -382,19 +250,19 @@ TECHNIQUES: tuple[Technique, ...] = (
               estimate_terms=("checkpoints",), legacy_value=None),
     Technique("tiled_mlp_chunk", "the MLP over chunks of the sequence",
               wanted=lambda cfg: cfg.tiled_mlp_chunk > 0, supports=lambda target: None,
-              enable=_enable_tiled_mlp, disable=_disable_tiled_mlp,
+              enable=_enable_tiled_mlp, disable=kernels.disable_tiled_mlp,
               estimate_terms=("backward_workspace",), legacy_value=None),
     Technique("embeddings_on_host", "the frozen input-embedding table in pinned host memory",
-              wanted=lambda cfg: cfg.embeddings_on_host, supports=_host_embeddings_supported,
-              enable=_enable_host_embeddings, disable=_disable_host_embeddings,
+              wanted=lambda cfg: cfg.embeddings_on_host, supports=lambda target: kernels.host_embeddings_skip_reason(target.model),
+              enable=_enable_host_embeddings, disable=kernels.disable_host_embeddings,
               estimate_terms=("embeddings",), cuda_only=True, legacy_value=False),
     Technique("dequantize_graph", "each layer's frozen 4-bit dequantizes replayed as one CUDA graph",
               wanted=lambda cfg: cfg.dequantizes_by_graph, supports=_dequantize_graphs_supported,
-              enable=_enable_dequantize_graphs, disable=_disable_dequantize_graphs,
+              enable=_enable_dequantize_graphs, disable=kernels.disable_dequantize_graphs,
               estimate_terms=("dequantize_graph_buffer",), cuda_only=True, legacy_value=False),
     Technique("loss", "the loss a chunk of tokens at a time: the [tokens, vocab] logits never exist",
-              wanted=lambda cfg: cfg.loss == "chunked", supports=_chunked_loss_supported,
-              enable=_enable_chunked_loss, disable=_disable_chunked_loss,
+              wanted=lambda cfg: cfg.loss == "chunked", supports=lambda target: chunked_loss_skip_reason(target.model),
+              enable=_enable_chunked_loss, disable=remove_chunked_loss_forward,
               estimate_terms=("logits_and_loss",), legacy_value=None,
               fields=("loss_chunk_tokens", "fuse_loss", "loss_kernel", "compile_static_shapes")),
 )
