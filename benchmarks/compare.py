@@ -64,10 +64,11 @@ from compare_report import write_reports  # noqa: E402
 from compare_worker import gradient_errors, lora_key, set_common_lora_weights, worker  # noqa: E402,F401
 from memtune.config import parse_memory_size  # noqa: E402
 from memtune.provenance import now_iso  # noqa: E402
-from shared_model import PRESETS, prepare_model_dir  # noqa: E402,F401
+from shared_model import PRESETS, drop_model_dir, family_of, prepare_model_dir  # noqa: E402,F401
 from stacks import BUILTIN_STACKS, REFERENCE_STACKS  # noqa: E402
 from stacks import memtune_stack  # noqa: E402
-from stacks.common import TARGETS  # noqa: E402
+from stacks.common import LORA, TARGETS  # noqa: E402
+import families_report  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "compare-h200.json"
 # ratio_section, search_summary, lora_key, set_common_lora_weights, gradient_errors: this module's
@@ -95,7 +96,7 @@ def run_one(args: argparse.Namespace, stack: str, seq_len: int, model_dir: Path,
         "stack": stack, "seq_len": seq_len, "lora_targets": args.lora_targets,
         "gpu_memory_cap": args.gpu_memory or None,
         "gpu_memory_cap_bytes": parse_size(args.gpu_memory) if args.gpu_memory else None,
-        "preset": args.preset, "mode": mode, "steps": args.steps, "warmup": args.warmup, "seed": args.seed,
+        "preset": args.preset, "family": family_of(args.preset), "lora_rank": args.lora_rank, "mode": mode, "steps": args.steps, "warmup": args.warmup, "seed": args.seed,
         "date": now_iso(), **(repeat or {}),
     }
     work = Path(tempfile.mkdtemp(prefix=f"compare-{stack}-{seq_len}-", dir=args.work_dir))
@@ -130,6 +131,7 @@ def _command(args: argparse.Namespace, record: dict, model_dir: Path, work: Path
         return [sys.executable, "-m", "memtune", "train", *train_args], True
     grad = mode == "grad"
     spec = {"stack": stack, "seq_len": seq_len, "lora_targets": args.lora_targets, "seed": args.seed,
+            "lora_rank": args.lora_rank, "model_type": args.model_type,
             "steps": 1 if grad else args.steps, "model_dir": str(model_dir), "result": str(work / "result.json"),
             "max_positions": PRESETS[args.preset]["config"]["max_position_embeddings"],
             "gpu_memory_cap_bytes": None if grad else record["gpu_memory_cap_bytes"]}
@@ -232,6 +234,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="comma list of seed, seed-autocast, liger, unsloth, memtune and --variant names")
     p.add_argument("--seq-lens", default=None, help="comma list (default: the preset's, 4096..131072)")
     p.add_argument("--lora-targets", choices=sorted(TARGETS), default="qv")
+    p.add_argument("--lora-rank", type=int, default=LORA["r"], help="LoRA rank (alpha = 2 x rank; default 8)")
     p.add_argument("--gpu-memory", default="", help="cap each run's GPU memory, e.g. 24GiB (default: the whole card)")
     p.add_argument("--steps", type=int, default=5, help="training steps per run (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="steps left out of the median step time (default 2)")
@@ -263,6 +266,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--search-start", type=int, default=None)
     p.add_argument("--search-max", type=int, default=None)
     p.add_argument("--search-granularity", type=int, default=None)
+    p.add_argument("--report", choices=("compare", "families"), default="compare",
+                   help="the .md/.png written beside --out: one preset's table (compare) or one row per "
+                        "family, memtune against the other stack (families)")
+    p.add_argument("--drop-model", action="store_true",
+                   help="delete the saved random-weight model afterwards (8B shapes are 16 GB a model)")
     p.add_argument("--report-only", action="store_true", help="only rewrite the .md and .png from --out")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -290,6 +298,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--stacks: unknown {', '.join(unknown)}")
     check_rounds(p, args)
     args.out = args.out.resolve()
+    args.model_type = family_of(args.preset)
     return args
 
 
@@ -307,7 +316,12 @@ def main(argv: list[str] | None = None) -> int:
             max_length_search(args, args.stack_list, model_dir)
         else:
             fixed_lengths(args, args.stack_list, model_dir)
-    md, png = write_reports(args.out, args.preset, args.loss_tolerance)
+        if args.drop_model:
+            drop_model_dir(args.preset, args.model_cache)
+    if args.report == "families":
+        md, png = families_report.write_reports(args.out)
+    else:
+        md, png = write_reports(args.out, args.preset, args.loss_tolerance)
     print(f"compare: records {args.out}; table {md}; plot {png}")
     fixed = [r for r in load_records(args.out) if r.get("mode", "fixed") == "fixed"]
     problems = loss_agreement(latest_records(fixed, args.preset), args.loss_tolerance)

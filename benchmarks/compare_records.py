@@ -91,7 +91,8 @@ def fmt(value: Any, spec: str) -> str:
 
 
 def _key(r: dict) -> tuple:
-    return (r.get("preset"), r.get("mode", "fixed"), r.get("lora_targets"), r.get("gpu_memory_cap"), r.get("stack"),
+    return (r.get("preset"), r.get("mode", "fixed"), r.get("lora_targets"), r.get("lora_rank"), r.get("gpu_memory_cap"),
+            r.get("stack"),
             r.get("seq_len"), r.get("grad_reference", DEFAULT_GRAD_REFERENCE) if r.get("mode") == "grad" else None)
 
 

@@ -22,7 +22,7 @@ import stacks
 from compare_records import write_json_atomic
 from memtune.provenance import git_commit, package_versions
 from shared_model import random_batches
-from stacks.common import LEARNING_RATE, MAX_GRAD_NORM, TARGETS
+from stacks.common import LEARNING_RATE, MAX_GRAD_NORM, lora_targets
 
 OTHER_PACKAGES = ("unsloth", "trl")  # recorded beside memtune's own
 
@@ -77,7 +77,7 @@ def _worker_run(spec: dict) -> dict:
 
     if spec.get("grad_file"):
         return {**info, **_gradient_pass(spec, stack, batches(1)[0], device)}
-    model, autocast = stack.build(spec, TARGETS[spec["lora_targets"]], device)  # before the batches, as always
+    model, autocast = stack.build(spec, lora_targets(spec["lora_targets"], spec.get("model_type")), device)  # before the batches, as always
     return {**info, **_train_steps(model, autocast, batches(spec["steps"]), device)}
 
 
@@ -179,7 +179,7 @@ def _gradient_pass(spec: dict, stack, batch: dict, device) -> dict:
     if stack is None:  # a memtune row, built in-process as `memtune train` would
         model, loss_fn = memtune_stack.build_for_gradients(spec["memtune_argv"], {"input_ids": ids, "labels": labels})
     else:
-        model, autocast = stack.build(spec, TARGETS[spec["lora_targets"]], device)
+        model, autocast = stack.build(spec, lora_targets(spec["lora_targets"], spec.get("model_type")), device)
         model.train()
 
         def loss_fn():

@@ -83,11 +83,13 @@ _COMPARE = {"seq_lens": "--seq-lens", "stacks": "--stacks", "steps": "--steps", 
             "repeat": "--repeat", "timeout": "--timeout", "lora_targets": "--lora-targets",
             "gpu_memory": "--gpu-memory", "grad_check": "--grad-check", "grad_reference": "--grad-reference",
             "max_length_search": "--max-length-search", "search_start": "--search-start",
-            "search_max": "--search-max", "memtune_args": "--memtune-args", "preset": "--preset"}
+            "search_max": "--search-max", "memtune_args": "--memtune-args", "preset": "--preset",
+            "lora_rank": "--lora-rank", "report": "--report", "drop_model": "--drop-model"}
 
 
 def _compare(v: dict, out: Path) -> list[str]:
-    argv = [sys.executable, str(HERE / "compare.py"), "--out", str(out / "compare-h200.json"), *_flags(v, _COMPARE)]
+    records = v.get("records", "compare-h200.json")  # e.g. families-h200.json
+    argv = [sys.executable, str(HERE / "compare.py"), "--out", str(out / records), *_flags(v, _COMPARE)]
     for name, flags in (v.get("variants") or {}).items():
         argv += ["--variant", f"{name}={flags}"]
     return argv
@@ -137,7 +139,8 @@ KINDS: dict[str, StepKind] = {
     "compare": StepKind({"seq_lens": list, "stacks": list, "steps": int, "warmup": int, "repeat": int, "timeout": int,
                          "lora_targets": str, "gpu_memory": str, "grad_check": bool, "grad_reference": str,
                          "max_length_search": bool, "search_start": int, "search_max": int, "memtune_args": str,
-                         "preset": str, "variants": dict}, ("stacks",), _compare),
+                         "preset": str, "variants": dict, "lora_rank": int, "report": str, "drop_model": bool,
+                         "records": str}, ("stacks",), _compare),
     "trainer": StepKind({"stacks": list, "seq_len": int, "steps": int, "warmup": int, "repeat": int, "timeout": int,
                          "preset": str, "device": str, "apply_options": dict}, (), _trainer),
     "profile": StepKind({"flags": str, "out": str, "trace": str}, ("out",), _profile),
@@ -276,6 +279,22 @@ def run(scenario: Scenario, out: Path) -> int:
     return 1 if failed else 0
 
 
+def select_steps(scenario: Scenario, only: str) -> Scenario:
+    """The scenario with only the steps `only` names ("2,4-6", numbered from 1)."""
+    wanted: set[int] = set()
+    try:
+        for part in only.split(","):
+            first, _, last = part.strip().partition("-")
+            wanted.update(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise ScenarioError(f"--only: expected step numbers like 2,4-6; got {only!r}") from None
+    bad = sorted(n for n in wanted if not 1 <= n <= len(scenario.steps))
+    if bad:
+        raise ScenarioError(f"--only: {scenario.name} has steps 1-{len(scenario.steps)}; got {bad}")
+    steps = [step for i, step in enumerate(scenario.steps, 1) if i in wanted]
+    return Scenario(scenario.name, scenario.about, scenario.minutes, steps)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -283,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="the output folder (on the GPU machine: $OUT)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--list", action="store_true", help="list the scenarios")
+    p.add_argument("--only", default="", metavar="N,M-K",
+                   help="run only these steps, numbered from 1 (a long scenario split over several calls)")
     args = p.parse_args(argv)
     try:
         if args.list:
@@ -293,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.scenario or (args.out is None and not args.dry_run):
             p.error("give a scenario and --out DIR (or --dry-run, or --list)")
         scenario = load(resolve(args.scenario), (args.out or Path("OUT")).resolve())
+        if args.only:
+            scenario = select_steps(scenario, args.only)
     except ScenarioError as exc:
         print(f"run_scenario: error: {exc}", file=sys.stderr)
         return 2

@@ -38,7 +38,23 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the same, 28 layers deep like the 1.5B shape: how bf16 rounding grows with depth (--grad-check on a CPU)
     "tiny-deep-test": {"config": {**_TINY_TEST, "num_hidden_layers": 28}, "seq_lens": [64, 128],
                        "search": (64, 256, 64)},
+    # a CPU-sized model of each other family, for the families comparison's plumbing
+    "tiny-gemma2-test": {"config": {"model_type": "gemma2", "hidden_size": 64, "intermediate_size": 96,
+                                    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                    "head_dim": 16, "vocab_size": 576, "max_position_embeddings": 1024,
+                                    "sliding_window": 32, "attn_logit_softcapping": 50.0,
+                                    "final_logit_softcapping": 30.0, "query_pre_attn_scalar": 16},
+                         "seq_lens": [64], "search": (64, 256, 64)},
 }
+# every family preset of memtune's own (llama-3.1-8b, qwen3-8b, gemma-2-9b, ...) under its own name
+PRESETS.update({name: {"config": dict(config), "seq_lens": [16384],
+                       "search": (4096, int(config.get("max_position_embeddings") or 131072), 4096)}
+                for name, config in MEMTUNE_PRESETS.items() if name != "deepseek-r1-distill-qwen-1.5b"})
+
+
+def family_of(preset: str) -> str:
+    """The preset's model_type (qwen2, llama, gemma2, ...)."""
+    return PRESETS[preset]["config"]["model_type"]
 
 
 def prepare_model_dir(preset: str, cache_root: Path) -> Path:
@@ -54,12 +70,16 @@ def prepare_model_dir(preset: str, cache_root: Path) -> Path:
     print(f"benchmarks: saving random-weight {preset} to {model_dir} ...", flush=True)
     tmp_dir = model_dir.with_name(model_dir.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp_dir, ignore_errors=True)
-    config = transformers.Qwen2Config(**{k: v for k, v in config_dict.items() if k not in ("model_type",)})
+    fields = {k: v for k, v in config_dict.items() if k not in ("model_type", "architectures")}
+    config = transformers.AutoConfig.for_model(config_dict["model_type"], **fields)
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # build directly in bf16 (no fp32 copy of 1.5B params)
+    torch.set_default_dtype(torch.bfloat16)  # build directly in bf16 (no fp32 copy of 8B params)
+    # initialise on the GPU where there is one: an 8B random init takes minutes on a CPU, seconds there
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        model = transformers.Qwen2ForCausalLM(config)
+        with device:
+            model = transformers.AutoModelForCausalLM.from_config(config)
     finally:
         torch.set_default_dtype(previous)
     model.save_pretrained(tmp_dir)
@@ -74,6 +94,12 @@ def prepare_model_dir(preset: str, cache_root: Path) -> Path:
     shutil.rmtree(model_dir, ignore_errors=True)
     tmp_dir.rename(model_dir)
     return model_dir
+
+
+def drop_model_dir(preset: str, cache_root: Path) -> None:
+    """Delete the saved model (an 8B shape is 16 GB: a comparison over families keeps one at a time)."""
+    for path in cache_root.glob(f"{preset}-*"):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def random_batches(model_dir: str, seq_len: int, seed: int, max_positions: int, tokenizer, n: int) -> list[dict]:

@@ -183,3 +183,51 @@ def test_trainer_compare_memtune_side_on_a_tiny_cpu_model(tmp_path):
     assert record["tokens_per_s"] > 0 and isinstance(record["applied"], list)
     assert record["loss_forward"].endswith("forward")  # whose: TRL's fused LM head or memtune's loss
     assert out.with_suffix(".md").is_file()
+
+
+def test_only_selects_steps_and_rejects_numbers_outside_the_scenario(tmp_path):
+    scenario = run_scenario.load(run_scenario.resolve("families-16k"), tmp_path)
+    picked = run_scenario.select_steps(scenario, "2,4-5")
+    assert [s.argv for s in picked.steps] == [scenario.steps[i].argv for i in (1, 3, 4)]
+    with pytest.raises(run_scenario.ScenarioError, match="has steps 1-8"):
+        run_scenario.select_steps(scenario, "9")
+    with pytest.raises(run_scenario.ScenarioError, match="step numbers"):
+        run_scenario.select_steps(scenario, "two")
+
+
+def test_every_family_preset_is_a_benchmark_preset_with_its_lora_names():
+    shared_model = importlib.import_module("shared_model")
+    common = importlib.import_module("stacks.common")
+    from memtune.presets import PRESETS as MEMTUNE_PRESETS
+
+    for name in ("llama-3.1-8b", "llama-3.2-3b", "qwen2.5-7b", "qwen3-8b", "mistral-7b", "gemma-2-9b",
+                 "gemma-3-1b", "phi-3.5-mini"):
+        assert shared_model.PRESETS[name]["config"] == MEMTUNE_PRESETS[name]
+    assert common.lora_targets("all", "phi3") == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    assert common.lora_targets("all", "llama") == common.TARGETS["all"]
+    assert common.lora_settings({"lora_rank": 16}) == {"r": 16, "alpha": 32, "dropout": 0.0}
+
+
+def _record(stack, preset, alloc, tps, status="ok", estimate=None):
+    return {"stack": stack, "preset": preset, "family": "llama", "seq_len": 16384, "lora_targets": "all",
+            "lora_rank": 16, "mode": "fixed", "status": status, "peak_allocated_bytes": alloc,
+            "tokens_per_s": tps, "estimate_bytes": estimate, "error": "boom" if status != "ok" else None}
+
+
+def test_the_families_report_compares_against_the_first_stack_that_trained(tmp_path):
+    families_report = importlib.import_module("families_report")
+    out = tmp_path / "families.json"
+    records = [_record("memtune", "a", 8e9, 9000, estimate=8.2e9), _record("unsloth", "a", 10e9, 8000),
+               _record("memtune", "b", 4e9, 5000, estimate=5e9), _record("unsloth", "b", None, None, "error"),
+               _record("liger", "b", 6e9, 4000)]
+    out.write_text(json.dumps(records))
+    rows = {r["preset"]: r for r in families_report.family_rows(records)}
+    a, b = rows["a"], rows["b"]
+    assert a["other"]["stack"] == "unsloth" and a["memory_ratio"] == pytest.approx(0.8)
+    assert a["speed_ratio"] == pytest.approx(1.125) and a["estimate_error"] == pytest.approx(0.025)
+    assert a["misses"] == []
+    assert b["other"]["stack"] == "liger" and b["other_failed"][0].startswith("unsloth: error")
+    assert any("estimate +25.0%" in m for m in b["misses"]) and any("memory 0.67x" not in m for m in b["misses"])
+    md, _png = families_report.write_reports(out)
+    text = md.read_text()
+    assert "| llama | a | 16384 | all r=16 | unsloth |" in text and "Stacks that did not train" in text

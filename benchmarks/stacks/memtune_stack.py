@@ -12,7 +12,7 @@ import shlex
 from pathlib import Path
 from typing import Any, Callable
 
-from .common import LEARNING_RATE, LORA, MAX_GRAD_NORM, TARGETS
+from .common import LEARNING_RATE, MAX_GRAD_NORM, lora_settings, lora_targets
 
 # metrics.json keys copied into a compare record as they are
 METRIC_KEYS = ("gpu_name", "versions", "peak_allocated_bytes", "peak_reserved_bytes", "trainable_params",
@@ -21,12 +21,13 @@ METRIC_KEYS = ("gpu_name", "versions", "peak_allocated_bytes", "peak_reserved_by
 
 def train_args(args, model_dir: Path, seq_len: int, out_dir: Path, extra: str) -> list[str]:
     """The flags of `memtune train` for one memtune row (the same settings as the other stacks, plus `extra`)."""
-    targets = ",".join(TARGETS[args.lora_targets])
+    targets = ",".join(lora_targets(args.lora_targets, args.model_type))
+    lora = lora_settings({"lora_rank": args.lora_rank})
     cmd = ["--model", str(model_dir) if args.memtune_model == "dir" else args.memtune_model,
            "--data", "random", "--seq-len", str(seq_len), "--steps", str(args.steps),
            "--warmup-steps", str(args.warmup), "--no-eval", "--out", str(out_dir),
-           "--batch-size", "1", "--seed", str(args.seed), "--lora-rank", str(LORA["r"]),
-           "--lora-alpha", str(LORA["alpha"]), "--lora-dropout", "0", "--lora-targets", targets,
+           "--batch-size", "1", "--seed", str(args.seed), "--lora-rank", str(lora["r"]),
+           "--lora-alpha", str(lora["alpha"]), "--lora-dropout", "0", "--lora-targets", targets,
            "--learning-rate", str(LEARNING_RATE), "--max-grad-norm", str(MAX_GRAD_NORM)]
     if args.memtune_model != "dir":
         cmd.append("--random-init")
@@ -64,6 +65,8 @@ def fill_record(record: dict, metrics_path: Path, code: int | None, log_tail: st
         record["error"] = str(metrics.get("error") or metrics.get("message") or f"memtune status {status}")
     record.update({key: metrics[key] for key in METRIC_KEYS if key in metrics})
     record["memtune_peak_rss_bytes"] = metrics.get("peak_rss_bytes")
+    estimate = metrics.get("estimate") or {}
+    record["estimate_bytes"] = estimate.get("total_bytes")  # memtune's own prediction of its peak
     if record["status"] == "ok":
         record["loss_step1"] = metrics.get("loss_first", (metrics.get("losses") or [None])[0])
         if metrics.get("seq_len") and metrics["seq_len"] != record["seq_len"]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .common import LORA
+from .common import lora_settings
 
 VARIANTS = ("seed", "seed-autocast", "seed-fp32")
 
@@ -24,15 +24,22 @@ def build(variant: str, spec: dict, targets: list[str], device) -> tuple[Any, bo
     import transformers
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    from memtune.families import attention_implementation
+
     precision = torch.float32 if variant == "seed-fp32" else torch.bfloat16
     quant = transformers.BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=precision)
+    # SDPA, except where it cannot express the family's attention (Gemma 2's softcapped scores): then
+    # flex_attention on a GPU or eager, as memtune's families table picks for memtune itself
+    attention, _note = attention_implementation(
+        transformers.AutoConfig.from_pretrained(spec["model_dir"]), "auto", device.type)
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        spec["model_dir"], quantization_config=quant, dtype=precision, attn_implementation="sdpa",
+        spec["model_dir"], quantization_config=quant, dtype=precision, attn_implementation=attention,
         device_map={"": device.index if device.type == "cuda" else "cpu"})
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    lora = lora_settings(spec)
     model = get_peft_model(model, LoraConfig(
-        r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules=targets,
+        r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=targets,
         bias="none", task_type="CAUSAL_LM"))
     return model, variant == "seed-autocast"
