@@ -32,6 +32,7 @@ LongPolicy = Literal["truncate", "drop"]
 LoraMatmul = Literal["compute", "fp32"]
 ResidualDtype = Literal["compute", "fp32"]
 Device = Literal["auto", "cuda", "cpu"]
+SpeedBudget = Literal["off", "auto"]
 LogSink = Literal["jsonl", "tensorboard"]
 
 
@@ -96,6 +97,12 @@ class RunConfig:
     # forwards a step for the 1.5B shape). Costs one more [tokens, hidden]
     # copy per layer each way over PCIe and as much host memory. sdpa only.
     save_attention: bool = True
+    # The last N decoder layers keep their activations (not recomputed): faster, more memory.
+    # 0 = every layer checkpointed (the lean path). Needs gradient_checkpointing; see docs/techniques.md.
+    keep_layers: int = 0
+    # auto: keep as many layers as fit --gpu-memory (or the card), with a 10% margin.
+    # off: keep_layers as given. The margin and the choice: memtune.estimate.most_kept_layers.
+    speed_budget: SpeedBudget = "off"
     # Run the MLP over chunks of the sequence so its [tokens, intermediate]
     # tensors never exist whole. 0 = off; otherwise the chunk length in tokens
     # (sequences no longer than one chunk run untiled). 8192, not 4096: every
@@ -309,6 +316,7 @@ _RANGE_CHECKS: dict[str, tuple[Any, str]] = {
     "weight_decay": (lambda v: v >= 0, "a number >= 0"),
     "max_grad_norm": (lambda v: v >= 0, "a number >= 0 (0 = no clipping)"),
     "tiled_mlp_chunk": (lambda v: v >= 0, "an integer >= 0 (0 = off)"),
+    "keep_layers": (lambda v: v >= 0, "an integer >= 0 (0 = every layer checkpointed)"),
     "loss_chunk_tokens": (lambda v: v >= 1, "an integer >= 1"),
     "train_examples": (lambda v: v >= 0, "an integer >= 0 (0 = all)"),
     "eval_examples": (lambda v: v >= 0, "an integer >= 0"),
@@ -400,6 +408,12 @@ def _cross_field_problems(cfg: RunConfig) -> list[str]:
 
 
 # The sections of a grouped config (YAML or API), each a `# --- name ---` block of RunConfig:
+    if cfg.keep_layers and cfg.speed_budget == "auto":
+        problems.append(f"keep_layers, speed_budget: speed_budget auto chooses keep_layers; give one of them "
+                        f"(got keep_layers {cfg.keep_layers} with speed_budget auto)")
+    elif cfg.keep_layers and not cfg.gradient_checkpointing:
+        problems.append(f"keep_layers: {cfg.keep_layers} needs gradient_checkpointing (without it every layer "
+                        f"keeps its activations already)")
 # section name -> its fields. Flat keys are accepted everywhere as well.
 _SECTION_OF_HEADER = {"model": "model", "quantization": "quantization", "lora": "lora", "memory": "memory",
                       "training": "train", "data": "data", "evaluation": "eval", "output": "output"}

@@ -36,13 +36,14 @@ of one sequence); multiply by batch x seq_len.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from memtune.config import RunConfig
+from memtune.config import RunConfig, parse_memory_size
 from memtune.errors import UserError
 
 GIB = 1 << 30
@@ -69,6 +70,14 @@ OPT8_BLOCKSIZE = 256
 PAGED_MIN_SIZE = 100_000
 # memtune.kernels.cross_entropy caps the fp32 chunk logits at 1 GiB.
 LOSS_CHUNK_MAX_BYTES = GIB
+# speed_budget auto keeps layers until the predicted peak reaches 90% of the budget. Why 10%:
+# the budget bounds what the caching allocator *reserves* (a --gpu-memory cap is torch's
+# per-process memory fraction; the card is the card), while the estimate predicts what tensors
+# *allocate*. Reserved runs above allocated by the blocks freed between larger ones, and the
+# estimate itself errs: on the H200 from -3.8% to +15% (estimate-vs-measured-h200.md, 75 runs).
+# A run that fills its budget exactly would meet an out-of-memory at the first unlucky step; one
+# kept layer less costs a few percent of speed at most.
+SPEED_BUDGET_MARGIN = 0.10
 
 SUPPORTED_FAMILIES = ("qwen2", "qwen3", "llama", "mistral", "gemma2", "gemma3_text", "phi3")
 REQUIRED_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -581,6 +590,37 @@ def layer_saved_per_token(shape: ModelShape, cfg: RunConfig, dtype_bytes: int, s
     return parts
 
 
+def kept_layer_count(cfg: RunConfig, shape: ModelShape) -> int:
+    """Layers whose activations are kept (keep_layers; all of them without checkpointing, where the
+    notion does not apply and 0 is returned). More than the model has is a UserError, as train's."""
+    if not cfg.gradient_checkpointing:
+        return 0
+    if cfg.keep_layers > shape.layers:
+        raise UserError(f"keep_layers: expected 0 to {shape.layers} (the model's decoder layers); "
+                        f"got {cfg.keep_layers}")
+    return cfg.keep_layers
+
+
+def kept_layer_saved_per_token(shape: ModelShape, cfg: RunConfig, dtype_bytes: int, seq_len: int,
+                               device: str = "cuda") -> dict[str, int]:
+    """What a kept layer's forward saves for its backward (memtune.kernels.offload.keep_layer_activations),
+    bytes per token, by part: `layer_saved_per_token` with the MLP untiled (a kept layer runs it whole):
+    the norms' fp32 inputs and rsqrt, attention's q, k, v, output and log-sum-exp, the MLP's gate,
+    act and up, the LoRA inputs and A outputs. No checkpoint: the layer input is not kept apart."""
+    return layer_saved_per_token(shape, dataclasses.replace(cfg, tiled_mlp_chunk=0), dtype_bytes, seq_len, device)
+
+
+def kept_layer_backward_workspace(shape: ModelShape, cfg: RunConfig, dtype_bytes: int, tokens: int,
+                                  device: str = "cuda") -> int:
+    """A kept layer's backward: the untiled gradients (layer_backward_workspace_per_token), one
+    weight dequantized at a time (no dequantize_once scope outside a checkpoint), the int8
+    matmul's int32 result, and the dequantize graph buffer, which lives for the whole run."""
+    return (tokens * layer_backward_workspace_per_token(shape, dtype_bytes)
+            + dequantized_weight_bytes(shape, cfg, dtype_bytes)
+            + int8_matmul_workspace_bytes(shape, cfg, tokens, device)
+            + dequantize_graph_buffer_bytes(shape, cfg, dtype_bytes, device))
+
+
 def mlp_chunk_saved_per_token(shape: ModelShape, cfg: RunConfig, dtype_bytes: int, device: str = "cuda") -> int:
     """What the untiled MLP of one layer keeps per token (gate, act, up, LoRA and base-linear inputs)."""
     per_token = mlp_saved_per_token(shape, dtype_bytes, False, fuses_elementwise(cfg, device))
@@ -692,11 +732,14 @@ class Estimate:
     phase: str = ""  # the step phase at which the peak falls
     seq_len: int = 0
     notes: list[str] = field(default_factory=list)
+    keep_layers: int = 0  # layers whose activations are kept (after speed_budget auto)
+    kept_layer_bytes: int = 0  # what one kept layer saves (0 without checkpointing)
 
     def to_dict(self) -> dict[str, Any]:
         return {"total_bytes": int(self.total_bytes), "breakdown": {k: int(v) for k, v in self.breakdown.items()},
                 "cuda_context_bytes": int(self.cuda_context_bytes), "host_bytes": dict(self.host_bytes),
-                "phase": self.phase, "seq_len": self.seq_len, "notes": list(self.notes)}
+                "phase": self.phase, "seq_len": self.seq_len, "notes": list(self.notes),
+                "keep_layers": self.keep_layers, "kept_layer_bytes": int(self.kept_layer_bytes)}
 
 
 def effective_seq_len(cfg: RunConfig, shape: ModelShape) -> int:
@@ -725,6 +768,14 @@ def estimate_for_shape(cfg: RunConfig, shape: ModelShape, device: str = "cuda") 
 
 
 def _estimate_for_shape(cfg: RunConfig, shape: ModelShape, device: str) -> Estimate:
+    speed_note = None
+    if cfg.speed_budget == "auto":  # what train runs: keep_layers chosen under the --gpu-memory cap
+        if cfg.gpu_memory:
+            cfg, speed_note = resolve_speed_budget(cfg, shape, parse_memory_size(cfg.gpu_memory), device,
+                                                   include_context=False, label=f"--gpu-memory {cfg.gpu_memory}")
+        else:
+            cfg = dataclasses.replace(cfg, speed_budget="off")
+            speed_note = "speed_budget auto: no --gpu-memory given here; train takes the card's size (keep_layers 0 shown)"
     seq = effective_seq_len(cfg, shape)
     # batch auto fills seq_len tokens; the estimate assumes full-length sequences, so one.
     cfg = cfg.replace(batch_size=cfg.resolved_batch_size(seq))
@@ -747,15 +798,17 @@ def _estimate_for_shape(cfg: RunConfig, shape: ModelShape, device: str) -> Estim
     persistent["cuda_workspace"] = CUBLAS_WORKSPACE_BYTES if device == "cuda" else 0
     persistent["inputs"] = _round(tokens * 8) * 2 + (_round(tokens * 8) if cfg.packing else 0)  # int64 ids, labels
     grads = gradient_bytes(tensors, param_bytes)
+    kept = kept_layer_count(cfg, shape)
 
     act = _activation_phases(shape, cfg, c, seq, tokens, device)
+    # LoRA gradients arrive layer by layer during backward: at the last layer's backward
+    # (where the checkpoints, larger than any layer's adapters, are all still held) only that
+    # layer's exist, at the first recomputed layer below the kept ones kept + 1 layers', and none
+    # at the loss. Full fine-tuning gradients only matter at the end of backward (own phase below).
+    layers_with_grads = {"backward_last_layer": 1, "backward_recomputed": kept + 1}
     phases: dict[str, dict[str, int]] = {}
     for name, parts in act.items():
-        # LoRA gradients arrive layer by layer during backward: at the last layer's backward
-        # (where the checkpoints, larger than any layer's adapters, are all still held) only that
-        # layer's exist, and none at the loss. Full fine-tuning gradients only matter at the end
-        # of backward (own phase below).
-        phase_grads = grads // shape.layers if (cfg.lora and name == "backward_last_layer") else 0
+        phase_grads = grads * layers_with_grads[name] // shape.layers if (cfg.lora and name in layers_with_grads) else 0
         phases[name] = {**persistent, **parts, "gradients": phase_grads}
     phases["end_of_backward"] = {**persistent, "gradients": grads, "rope_cache": act["forward_loss"]["rope_cache"]}
     phases["optimizer_step"] = {**persistent, "gradients": grads}
@@ -763,13 +816,72 @@ def _estimate_for_shape(cfg: RunConfig, shape: ModelShape, device: str) -> Estim
     breakdown = {k: int(v) for k, v in phases[phase].items() if v}
     if paged:
         host["paged_optimizer_states"] = paged
-    if cfg.offloads_checkpoints:
-        host["offloaded_checkpoints"] = shape.layers * _round(tokens * shape.hidden * residual_bytes(cfg, c))
-    if keeps_attention(cfg, shape):
-        host["saved_attention"] = shape.layers * saved_attention_bytes(shape, tokens, c)
+    checkpointed = shape.layers - kept  # the kept layers put nothing on the host
+    if cfg.offloads_checkpoints and checkpointed:
+        host["offloaded_checkpoints"] = checkpointed * _round(tokens * shape.hidden * residual_bytes(cfg, c))
+    if keeps_attention(cfg, shape) and checkpointed:
+        host["saved_attention"] = checkpointed * saved_attention_bytes(shape, tokens, c)
+    kept_one = (tokens * sum(kept_layer_saved_per_token(shape, cfg, c, seq, device).values())
+                if cfg.gradient_checkpointing else 0)
+    if speed_note:
+        notes.append(speed_note)
+    if kept:
+        notes.append(f"keep_layers {kept}: the last {kept} of {shape.layers} layers keep their activations, "
+                     f"{gib(kept_one)} each (not recomputed)")
+    elif cfg.gradient_checkpointing:
+        notes.append(f"a layer kept from recomputation would add about {gib(kept_one)} (--keep-layers N, or "
+                     f"--speed-budget auto with --gpu-memory)")
     return Estimate(total_bytes=sum(breakdown.values()), breakdown=breakdown, host_bytes=host,
                     cuda_context_bytes=CUDA_CONTEXT_BYTES if device == "cuda" else 0,
-                    phase=phase, seq_len=seq, notes=notes)
+                    phase=phase, seq_len=seq, notes=notes, keep_layers=kept, kept_layer_bytes=kept_one)
+
+
+def most_kept_layers(cfg: RunConfig, shape: ModelShape, budget_bytes: int, device: str = "cuda",
+                     include_context: bool = True, margin: float = SPEED_BUDGET_MARGIN) -> tuple[int, Estimate]:
+    """The largest keep_layers whose predicted peak (plus the CUDA context, when the budget is the
+    whole card) is within (1 - margin) x budget_bytes, and its estimate; 0 (the lean path) when
+    even that does not fit. The peak grows with every kept layer, so this bisects."""
+    usable = budget_bytes * (1 - margin)
+    base = dataclasses.replace(cfg, speed_budget="off")
+
+    def estimate(k: int) -> Estimate:
+        return estimate_for_shape(dataclasses.replace(base, keep_layers=k), shape, device)
+
+    def needed(est: Estimate) -> int:
+        return est.total_bytes + (est.cuda_context_bytes if include_context else 0)
+
+    lo, lo_est = 0, estimate(0)
+    if not cfg.gradient_checkpointing or needed(lo_est) > usable:
+        return 0, lo_est
+    hi = shape.layers + 1  # lo fits; every k >= hi does not (hi = layers + 1: not known yet)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        est = estimate(mid)
+        if needed(est) <= usable:
+            lo, lo_est = mid, est
+        else:
+            hi = mid
+    return lo, lo_est
+
+
+def resolve_speed_budget(cfg: RunConfig, shape: ModelShape, budget_bytes: int, device: str = "cuda",
+                         include_context: bool = True, label: str = "the budget") -> tuple[RunConfig, str]:
+    """speed_budget auto turned into keep_layers (most_kept_layers) and speed_budget off, with one line
+    saying what was chosen; another speed_budget is returned as it is."""
+    if cfg.speed_budget != "auto":
+        return cfg, ""
+    if not cfg.gradient_checkpointing:
+        return (dataclasses.replace(cfg, speed_budget="off"),
+                "speed_budget auto: gradient checkpointing is off, every layer keeps its activations already")
+    kept, est = most_kept_layers(cfg, shape, budget_bytes, device, include_context)
+    usable = f"{gib(budget_bytes * (1 - SPEED_BUDGET_MARGIN))} (90% of {label})"
+    peak = est.total_bytes + (est.cuda_context_bytes if include_context else 0)
+    if kept:
+        line = (f"speed_budget auto: keep_layers {kept} of {shape.layers} (their activations kept, not recomputed): "
+                f"predicted {gib(peak)} within {usable}")
+    else:
+        line = f"speed_budget auto: keep_layers 0, the lean path is predicted at {gib(peak)} against {usable}"
+    return dataclasses.replace(cfg, keep_layers=kept, speed_budget="off"), line
 
 
 def residual_bytes(cfg: RunConfig, dtype_bytes: int) -> int:
@@ -808,7 +920,17 @@ def sliding_window_mask_bytes(shape: ModelShape, cfg: RunConfig, seq: int, devic
 
 def _activation_phases(shape: ModelShape, cfg: RunConfig, c: int, seq: int, tokens: int,
                        device: str) -> dict[str, dict[str, int]]:
-    """Activation memory at the two candidate peaks: forward + loss, and the last layer's backward."""
+    """Activation memory at the candidate peaks: forward + loss, the last layer's backward, the loss's
+    backward, and with kept layers (keep_layers) the first recomputed layer's backward below them.
+
+    Kept layers are the last ones. Their activations are alive from their forward through the loss
+    until their own backward, which comes first: at the end of forward and in the loss they all add
+    to the checkpoints; in the last layer's backward (a kept layer) they are all still there, that
+    layer's own among them, with its untiled workspace; once they are done the first recomputed
+    layer meets the peak the lean path has (its phase `backward_recomputed`)."""
+    kept = kept_layer_count(cfg, shape)
+    checkpointed = shape.layers - kept
+    kept_bytes = kept * tokens * sum(kept_layer_saved_per_token(shape, cfg, c, seq, device).values()) if kept else 0
     layer = layer_saved_per_token(shape, cfg, c, seq, device)
     per_layer = sum(layer.values())
     layer_bytes = tokens * per_layer
@@ -819,10 +941,11 @@ def _activation_phases(shape: ModelShape, cfg: RunConfig, c: int, seq: int, toke
     hidden_out = _round(tokens * shape.hidden * c)  # last_hidden_state (the final norm's output)
 
     if cfg.offloads_checkpoints:
-        stored = {"checkpoints": 2 * ckpt_one}  # the layer being recomputed and the one being prefetched
+        # the layer being recomputed and the one being prefetched
+        stored = {"checkpoints": 2 * ckpt_one if checkpointed else 0}
         current_layer = layer_bytes
     elif cfg.gradient_checkpointing:
-        stored = {"checkpoints": shape.layers * ckpt_one}
+        stored = {"checkpoints": checkpointed * ckpt_one}
         current_layer = layer_bytes
     else:
         stored = {"layer_activations": shape.layers * layer_bytes}
@@ -869,15 +992,29 @@ def _activation_phases(shape: ModelShape, cfg: RunConfig, c: int, seq: int, toke
         loss_after = _round(tokens * shape.hidden * c) * 2
     stored_outside_backward = {**stored,
                                "dequantize_graph_buffer": dequantize_graph_buffer_bytes(shape, cfg, c, device)}
-    forward_loss = {**stored_outside_backward, "final_norm": final_norm + hidden_out, "logits_and_loss": loss_peak}
+    kept_part = {"kept_layer_activations": kept_bytes} if kept else {}
+    forward_loss = {**stored_outside_backward, **kept_part, "final_norm": final_norm + hidden_out,
+                    "logits_and_loss": loss_peak}
     backward = {**stored, "layer_activations": stored.get("layer_activations", 0) + current_layer,
                 "backward_workspace": workspace, "logits_and_loss": 0}
     if cfg.gradient_checkpointing:
         backward["checkpoints"] = stored["checkpoints"]
     if keeps_attention(cfg, shape):  # the layer being recomputed and the one being prefetched, as for checkpoints
         backward["saved_attention"] = 2 * saved_attention_bytes(shape, tokens, c)
-    loss_backward = {**stored_outside_backward, "final_norm": final_norm + hidden_out, "logits_and_loss": loss_after}
-    return {"forward_loss": forward_loss, "backward_last_layer": backward, "loss_backward": loss_backward}
+    loss_backward = {**stored_outside_backward, **kept_part, "final_norm": final_norm + hidden_out,
+                     "logits_and_loss": loss_after}
+    if not kept:
+        return {"forward_loss": forward_loss, "backward_last_layer": backward, "loss_backward": loss_backward}
+    # the last layer is a kept one: nothing recomputed, the last checkpointed layer's input (and its
+    # saved attention) prefetched meanwhile
+    kept_backward = {**stored, **kept_part, "logits_and_loss": 0,
+                     "backward_workspace": kept_layer_backward_workspace(shape, cfg, c, tokens, device)}
+    if keeps_attention(cfg, shape) and checkpointed:
+        kept_backward["saved_attention"] = saved_attention_bytes(shape, tokens, c)
+    phases = {"forward_loss": forward_loss, "backward_last_layer": kept_backward, "loss_backward": loss_backward}
+    if checkpointed:
+        phases["backward_recomputed"] = backward
+    return phases
 
 
 # --- reporting --------------------------------------------------------------------------

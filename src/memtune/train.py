@@ -328,6 +328,7 @@ def run(cfg: RunConfig, out_dir: Path, log: Callable[[str], None] = print, progr
     metrics.update(measure.device_info(device))
     metrics["versions"] = provenance.package_versions()
     metrics["git_commit"] = provenance.git_commit()
+    cfg = plan_speed_budget(cfg, device, log)
     metrics["estimate"] = _estimate(cfg, log, device.type)
     if device.type == "cuda":
         available = measure.available_host_memory()
@@ -392,6 +393,31 @@ def _apply_gpu_cap(cfg: RunConfig, log: Callable[[str], None]) -> torch.device:
             fraction = measure.cap_gpu_memory(device, parse_memory_size(cfg.gpu_memory))
             log(f"GPU memory capped at {cfg.gpu_memory} ({fraction:.1%} of the card)")
     return device
+
+
+def plan_speed_budget(cfg: RunConfig, device: torch.device, log: Callable[[str], None]) -> RunConfig:
+    """speed_budget auto -> keep_layers, before anything is built (memtune.estimate.resolve_speed_budget):
+    the budget is --gpu-memory (the allocator's cap, the CUDA context outside it), else the card's
+    whole memory (the context inside it); with neither known, the lean path (keep_layers 0)."""
+    if cfg.speed_budget != "auto":
+        return cfg
+    from memtune.estimate import load_model_config, model_shape, resolve_speed_budget
+
+    if cfg.gpu_memory:
+        budget, label, context = parse_memory_size(cfg.gpu_memory), f"--gpu-memory {cfg.gpu_memory}", False
+    elif device.type == "cuda":
+        budget, label, context = torch.cuda.get_device_properties(device).total_memory, "the card", True
+    else:
+        log("speed_budget auto: no --gpu-memory and no CUDA card to size it by; keep_layers 0")
+        return cfg.replace(speed_budget="off")
+    try:
+        shape = model_shape(load_model_config(cfg.model), source=f"model '{cfg.model}'")
+        cfg, line = resolve_speed_budget(cfg, shape, budget, device.type, context, label)
+    except UserError as exc:
+        log(f"speed_budget auto: no estimate ({exc}); keep_layers 0")
+        return cfg.replace(speed_budget="off")
+    log(line)
+    return cfg.replace()  # validated
 
 
 def _estimate(cfg: RunConfig, log: Callable[[str], None], device: str = "cuda") -> dict[str, Any] | None:

@@ -24,6 +24,15 @@ included.
 
 On devices other than CUDA the "host copy" is the tensor itself (no copy),
 so the recompute path runs and is testable on a CPU.
+
+Kept layers (`keep_layer_activations`, RunConfig.keep_layers): with memory to
+spare, the last N decoder layers are not checkpointed at all. They run their
+plain forward with autograd saving everything (the MLP untiled, so its
+intermediates are kept rather than recomputed chunk by chunk), so their
+backward recomputes nothing: a checkpointed layer costs about 4 forwards of
+work (forward, recompute, backward), a kept one 3. This works on the offloaded
+layers above (a mark their forward reads) and on transformers' own per-layer
+checkpointing (an instance forward that keeps the layer's flag off).
 """
 
 from __future__ import annotations
@@ -44,14 +53,18 @@ from memtune.kernels.saved_attention import (AttentionRecord, attention_module, 
                                              saved_attention_supported)
 from memtune.kernels._common import (RngState, autocast_state, base_model, decoder_layers, outputs_discarded,
                                      replay_autocast, restore_forward, swap_forward, trainable_params)
+from memtune.kernels.tiled_mlp import _ATTR as _TILED_MLP_ATTR
 
 __all__ = ["enable_offloaded_checkpointing", "disable_offloaded_checkpointing", "is_offloaded_checkpointing",
-           "saved_attention_skip_reason"]
+           "saved_attention_skip_reason", "keep_layer_activations", "release_kept_layers", "kept_layers"]
 
 _ATTR = "_memtune_offload"
 # Keyword arguments that carry a KV cache: a checkpointed training forward must
 # not write to one (the recompute would write a second time).
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "cache", "layer_past")
+# On a decoder layer whose activations are kept: {"swapped": whether this module gave it its own
+# forward (a layer on transformers' checkpointing), ...}. An offloaded layer only carries the mark.
+_KEEP_ATTR = "_memtune_keep_activations"
 
 class _PassState:
     """Links the host copies of one forward pass so backward can prefetch one layer ahead."""
@@ -150,6 +163,10 @@ def _make_forward(layer: nn.Module, original: Callable, state: _PassState, posit
             layer.gradient_checkpointing = False
         if not (torch.is_grad_enabled() and layer.training and isinstance(hidden, torch.Tensor)):
             return original(hidden, *rest, **kwargs)
+        if layer.__dict__.get(_KEEP_ATTR) is not None:
+            out = _kept_call(layer, original, (hidden, *rest), kwargs)
+            _prefetch_when_backward_starts(out, state, position)
+            return out
         params = trainable_params(layer)
         for name in _CACHE_KWARGS:
             if kwargs.get(name) is not None:
@@ -212,8 +229,9 @@ def saved_attention_skip_reason(model: nn.Module) -> str | None:
 
 
 def disable_offloaded_checkpointing(model: nn.Module) -> int:
-    """Undo `enable_offloaded_checkpointing`; returns the number of layers restored."""
+    """Undo `enable_offloaded_checkpointing` (and `keep_layer_activations`); returns the number of layers restored."""
     restored = 0
+    release_kept_layers(model)
     layers = decoder_layers(model)
     disable_saved_attention(layers)
     for layer in layers:
@@ -228,3 +246,113 @@ def disable_offloaded_checkpointing(model: nn.Module) -> int:
 
 def is_offloaded_checkpointing(model: nn.Module) -> bool:
     return any(layer.__dict__.get(_ATTR) is not None for layer in decoder_layers(model))
+
+
+# --- kept layers: activations saved, nothing recomputed ----------------------------------------
+
+@contextlib.contextmanager
+def _untiled_mlp(layer: nn.Module):
+    """The layer's MLP runs whole for the duration (not kernels/tiled_mlp.py's chunks): a kept layer
+    saves the MLP's intermediates; tiled, its backward would run the MLP forward again, chunk by chunk."""
+    mlp = getattr(layer, "mlp", None) or getattr(layer, "feed_forward", None)
+    info = mlp.__dict__.get(_TILED_MLP_ATTR) if isinstance(mlp, nn.Module) else None
+    if info is None or "forward" not in mlp.__dict__:
+        yield
+        return
+    tiled, mlp.forward = mlp.__dict__["forward"], info["original"]
+    try:
+        yield
+    finally:
+        mlp.forward = tiled
+
+
+def _kept_call(layer: nn.Module, original: Callable, args: tuple, kwargs: dict):
+    """The layer's plain forward under autograd: every tensor its backward needs is saved.
+
+    With a dequantize graph the frozen 4-bit weights are written by one replay for this forward
+    (the shared buffer is valid for this pass only, and the short path saves no weight: its
+    backward, outside any scope, dequantizes each weight again where it is used)."""
+    weights = dequantized_once(layer) if has_dequantize_graph(layer) else contextlib.nullcontext()
+    with _untiled_mlp(layer), weights:
+        return original(*args, **kwargs)
+
+
+def _prefetch_when_backward_starts(out: Any, state: _PassState, position: int) -> None:
+    """Start copying the last checkpointed layer's input back to the GPU as soon as backward
+    reaches the kept layers, so that its recompute does not wait for the copy: the checkpointed
+    layers' own chain (prefetch one layer ahead) starts from it."""
+    tensor = out[0] if isinstance(out, (tuple, list)) else out
+    copy = state.last() if state.last is not None and state.last_position < position else None
+    if copy is None or copy.copied is None or not isinstance(tensor, torch.Tensor) or not tensor.requires_grad:
+        return  # nothing offloaded before this layer in this pass, or no CUDA copy to start
+    ref = weakref.ref(copy)
+
+    def hook(grad: torch.Tensor) -> None:
+        target = ref()
+        if target is not None:
+            target.prefetch()  # idempotent: the first kept layer's hook to fire (the last layer's) starts it
+
+    tensor.register_hook(hook)
+
+
+def _make_kept_forward(layer: nn.Module, original: Callable) -> Callable:
+    """A kept layer's forward on transformers' checkpointing: the layer's flag stays off (a Trainer
+    may switch every layer's on again) and training runs the plain forward, MLP untiled."""
+    def forward(*args: Any, **kwargs: Any):
+        if getattr(layer, "gradient_checkpointing", False):
+            layer.gradient_checkpointing = False
+        if not (torch.is_grad_enabled() and layer.training):
+            return original(*args, **kwargs)
+        return _kept_call(layer, original, args, kwargs)
+
+    return forward
+
+
+def keep_layer_activations(model: nn.Module, count: int) -> int:
+    """The last `count` decoder layers keep their activations (no checkpoint, no recompute); the
+    others stay checkpointed as they are (offloaded, or transformers' own). Calling again changes
+    the count; 0 releases them all. Returns the number of layers kept.
+
+    Why the last layers: backward runs from the last layer down, so the activations of the
+    last layers are the first to be freed. The step's activation peak is at the start of
+    backward (the loss's gradient, then the last layer's backward): there, keeping the last N
+    holds N layers' activations, the current layer's among them, whereas keeping the first N
+    would hold those N through the whole backward plus the recomputed last layer's, one layer
+    more at that peak and for the whole backward. Once the kept layers' backward is done they
+    are gone, and the checkpointed layers below meet the same peak as with none kept.
+    """
+    layers = decoder_layers(model)
+    if not 0 <= count <= len(layers):
+        raise ValueError(f"keep_layers: expected 0 to {len(layers)} (the model's decoder layers); got {count}")
+    release_kept_layers(model)
+    for layer in layers[len(layers) - count:] if count else []:
+        if layer.__dict__.get(_ATTR) is not None:
+            layer.__dict__[_KEEP_ATTR] = {"swapped": False}  # its offloaded forward reads the mark
+            continue
+        swap_forward(layer, _KEEP_ATTR, _make_kept_forward, swapped=True,
+                     hf_flag=getattr(layer, "gradient_checkpointing", None))
+        if getattr(layer, "gradient_checkpointing", False):
+            layer.gradient_checkpointing = False
+    return count
+
+
+def release_kept_layers(model: nn.Module) -> int:
+    """Undo `keep_layer_activations`: those layers are checkpointed again. Returns how many."""
+    released = 0
+    for layer in decoder_layers(model):
+        info = layer.__dict__.get(_KEEP_ATTR)
+        if info is None:
+            continue
+        if info["swapped"]:
+            restore_forward(layer, _KEEP_ATTR)
+            if info["hf_flag"] is not None:
+                layer.gradient_checkpointing = info["hf_flag"]
+        else:
+            del layer.__dict__[_KEEP_ATTR]
+        released += 1
+    return released
+
+
+def kept_layers(model: nn.Module) -> int:
+    """How many decoder layers keep their activations."""
+    return sum(layer.__dict__.get(_KEEP_ATTR) is not None for layer in decoder_layers(model))

@@ -33,6 +33,7 @@ from torch import nn
 
 from memtune import kernels
 from memtune.config import RunConfig
+from memtune.errors import UserError
 from memtune.families import technique_skip_reason
 from memtune.kernels._common import base_model
 from memtune.kernels.frozen_4bit import four_bit_linears, on_short_path
@@ -40,6 +41,7 @@ from memtune.kernels.int8_backward import (disable_frozen_int8_backward, enable_
                                            int8_linears)
 from memtune.kernels.lora import _lora_modules
 from memtune.kernels.norm_dtype import disable_norm_output_dtype, enable_norm_output_dtype
+from memtune.kernels.offload import keep_layer_activations, release_kept_layers
 from memtune.loss import (chunked_loss_skip_reason, compile_unavailable_reason, install_chunked_loss_forward,
                           loss_chunk_kernel, remove_chunked_loss_forward)
 
@@ -143,7 +145,19 @@ def _enable_offload(target: Target) -> str:
     if cfg.saves_attention:
         note += "; save_attention: " + ("attention outputs kept in host memory, not recomputed"
                                         if reason is None else f"off, {reason}")
-    return note
+    return note + _keep_layers(target)
+
+
+def _keep_layers(target: Target) -> str:
+    """keep_layers, a field of either checkpointing: the last N layers are not checkpointed."""
+    count = target.cfg.keep_layers
+    if not count:
+        return ""
+    try:
+        keep_layer_activations(target.model, count)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return f"; keep_layers: the last {count} decoder layers keep their activations (not recomputed)"
 
 
 def _enable_hf_checkpointing(target: Target) -> str:
@@ -156,10 +170,11 @@ def _enable_hf_checkpointing(target: Target) -> str:
     else:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     _cache_off(target.model)
-    return "gradient_checkpointing: transformers' own (non-reentrant)"
+    return "gradient_checkpointing: transformers' own (non-reentrant)" + _keep_layers(target)
 
 
 def _disable_hf_checkpointing(model: nn.Module) -> None:
+    release_kept_layers(model)
     base = base_model(model)
     disable = getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable
     disable()
@@ -241,13 +256,14 @@ TECHNIQUES: tuple[Technique, ...] = (
     Technique("offload_activations", "per-layer checkpoints (and saved attention) in pinned host memory",
               wanted=lambda cfg: cfg.offloads_checkpoints, supports=lambda target: None,
               enable=_enable_offload, disable=kernels.disable_offloaded_checkpointing,
-              estimate_terms=("offloaded_checkpoints", "saved_attention"), legacy_value=None,
-              fields=("gradient_checkpointing", "save_attention")),
+              estimate_terms=("offloaded_checkpoints", "saved_attention", "kept_layer_activations"),
+              legacy_value=None, fields=("gradient_checkpointing", "save_attention", "keep_layers")),
     Technique("gradient_checkpointing", "transformers' own gradient checkpointing (checkpoints on the device)",
               wanted=lambda cfg: cfg.gradient_checkpointing and not cfg.offloads_checkpoints,
               supports=_hf_checkpointing_supported,
               enable=_enable_hf_checkpointing, disable=_disable_hf_checkpointing,
-              estimate_terms=("checkpoints",), legacy_value=None),
+              estimate_terms=("checkpoints", "kept_layer_activations"), legacy_value=None,
+              fields=("keep_layers",)),
     Technique("tiled_mlp_chunk", "the MLP over chunks of the sequence",
               wanted=lambda cfg: cfg.tiled_mlp_chunk > 0, supports=lambda target: None,
               enable=_enable_tiled_mlp, disable=kernels.disable_tiled_mlp,
