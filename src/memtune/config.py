@@ -400,6 +400,12 @@ def _cross_field_problems(cfg: RunConfig) -> list[str]:
             parse_memory_size(cfg.gpu_memory)
         except ValueError as exc:
             problems.append(f"gpu_memory: {exc}")
+    if cfg.keep_layers and cfg.speed_budget == "auto":
+        problems.append(f"keep_layers, speed_budget: speed_budget auto chooses keep_layers; give one of them "
+                        f"(got keep_layers {cfg.keep_layers} with speed_budget auto)")
+    elif cfg.keep_layers and not cfg.gradient_checkpointing:
+        problems.append(f"keep_layers: {cfg.keep_layers} needs gradient_checkpointing (without it every layer "
+                        f"keeps its activations already)")
     if cfg.val_data and cfg.val_split:
         problems.append("val_data, val_split: expected one source of validation examples; got both")
     elif (cfg.val_data or cfg.val_split) and cfg.data == "random":
@@ -408,12 +414,6 @@ def _cross_field_problems(cfg: RunConfig) -> list[str]:
 
 
 # The sections of a grouped config (YAML or API), each a `# --- name ---` block of RunConfig:
-    if cfg.keep_layers and cfg.speed_budget == "auto":
-        problems.append(f"keep_layers, speed_budget: speed_budget auto chooses keep_layers; give one of them "
-                        f"(got keep_layers {cfg.keep_layers} with speed_budget auto)")
-    elif cfg.keep_layers and not cfg.gradient_checkpointing:
-        problems.append(f"keep_layers: {cfg.keep_layers} needs gradient_checkpointing (without it every layer "
-                        f"keeps its activations already)")
 # section name -> its fields. Flat keys are accepted everywhere as well.
 _SECTION_OF_HEADER = {"model": "model", "quantization": "quantization", "lora": "lora", "memory": "memory",
                       "training": "train", "data": "data", "evaluation": "eval", "output": "output"}
