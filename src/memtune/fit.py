@@ -28,6 +28,7 @@ from typing import Any, Iterable
 from memtune.cli import add_config_flags, config_from_args
 from memtune.config import RunConfig, parse_memory_size
 from memtune.errors import UserError
+from memtune.estimate import most_kept_layers
 from memtune.estimate import (GIB, Estimate, effective_seq_len, estimate_for_shape, gib, load_model_config,
                               model_shape)
 
@@ -61,8 +62,16 @@ class Candidate:
             return "offload" if self.cfg.saves_attention else "offload-ra"
         return "on" if self.cfg.gradient_checkpointing else "off"
 
+    def speed_keep_layers(self) -> int:
+        """The layers `--speed-budget auto` would keep from recomputation in this row's headroom
+        (memtune.estimate.most_kept_layers: predicted peak within 90% of the budget)."""
+        shape = model_shape(load_model_config(self.cfg.model), source=f"model '{self.cfg.model}'")
+        with_context = self.needed_bytes != self.estimate.total_bytes
+        return most_kept_layers(self.cfg, shape, self.budget_bytes, include_context=with_context)[0]
+
     def to_dict(self) -> dict[str, Any]:
         return {"seq_len": self.estimate.seq_len, "quantization": self.cfg.quantization,
+                "speed_keep_layers": self.speed_keep_layers(),
                 "gradient_checkpointing": self.cfg.gradient_checkpointing,
                 "offload_activations": self.cfg.offload_activations, "save_attention": self.cfg.saves_attention,
                 "lora_rank": self.cfg.lora_rank,
@@ -147,17 +156,19 @@ def _describe(c: Candidate) -> str:
 
 def format_table(result: FitResult, budget_bytes: int, top: int) -> str:
     header = (f"{'seq_len':>8}  {'quant':<5}  {'ckpt':<10}  {'rank':>4}  {'batch':>5}  {'predicted':>10}  "
-              f"{'headroom':>10}  {'host':>10}")
+              f"{'headroom':>10}  {'host':>10}  {'keep':>4}")
     lines = [header, "-" * len(header)]
     for c in result.fits[:top]:
         lines.append(f"{c.estimate.seq_len:>8}  {c.cfg.quantization:<5}  {c.checkpointing():<10}  "
                      f"{c.cfg.lora_rank:>4}  {c.cfg.batch_size or 'auto':>5}  {c.needed_bytes / GIB:>6.2f} GiB  "
-                     f"{c.headroom_bytes / GIB:>6.2f} GiB  {c.host_bytes / GIB:>6.2f} GiB")
+                     f"{c.headroom_bytes / GIB:>6.2f} GiB  {c.host_bytes / GIB:>6.2f} GiB  {c.speed_keep_layers():>4}")
     more = len(result.fits) - top
     if more > 0:
         lines.append(f"... and {more} more (--top N to show them)")
     lines.append(f"{len(result.fits)} of {result.searched} configurations fit {gib(budget_bytes)} "
                  f"(predicted peak allocated + CUDA context); host = tensors kept in host memory")
+    lines.append("keep = the layers --speed-budget auto keeps from recomputation in the headroom (faster; "
+                 "the run's peak grows toward 90% of the budget)")
     if any(c.checkpointing() == "offload-ra" for c in result.fits[:top]):
         lines.append("offload-ra = offloaded checkpoints with attention recomputed in backward (--no-save-attention): "
                      "half the host memory of `offload`, slower")
