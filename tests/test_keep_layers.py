@@ -171,6 +171,20 @@ def test_speed_budget_auto_picks_the_most_layers_that_fit():
     assert estimate_memory(RunConfig(**_BIG, gpu_memory="24GiB")).keep_layers == 0
 
 
+def test_fit_shows_the_layers_auto_would_keep_in_each_rows_headroom():
+    from memtune.fit import fit_configurations, format_table
+
+    base = RunConfig(**_BIG)
+    result = fit_configurations(base, 24 << 30, fixed={"seq_len", "lora_targets", "lora_rank", "lora_dropout",
+                                                      "quantization"})
+    offload = next(c for c in result.fits if c.checkpointing() == "offload")
+    shape = model_shape(load_model_config("llama-3.1-8b"))
+    assert offload.speed_keep_layers() == most_kept_layers(offload.cfg, shape, 24 << 30)[0] > 0
+    assert offload.to_dict()["speed_keep_layers"] == offload.speed_keep_layers()
+    table = format_table(result, 24 << 30, top=5, seq_fixed=True)
+    assert table.splitlines()[0].rstrip().endswith("keep") and "--speed-budget auto" in table
+
+
 def test_train_resolves_speed_budget_before_the_build():
     from memtune.train import plan_speed_budget
 
