@@ -33,6 +33,7 @@ LoraMatmul = Literal["compute", "fp32"]
 ResidualDtype = Literal["compute", "fp32"]
 Device = Literal["auto", "cuda", "cpu"]
 SpeedBudget = Literal["off", "auto"]
+RopeScaling = Literal["", "linear", "dynamic", "yarn"]
 LogSink = Literal["jsonl", "tensorboard"]
 
 
@@ -48,6 +49,12 @@ class RunConfig:
     random_init: bool = False
     trust_remote_code: bool = False  # off: never run code shipped with a model
     attention: Attention = "auto"  # auto = sdpa, or what the family needs (memtune.families)
+    # RoPE scaling to train past max_position_embeddings: linear, dynamic or yarn. "" = the
+    # model's own RoPE. Mapped onto transformers' rope_parameters (memtune.models.apply_rope_scaling);
+    # seq_len may then go up to max_position_embeddings x rope_factor.
+    rope_scaling: RopeScaling = ""
+    # Times max_position_embeddings the scaled RoPE covers (> 1, with rope_scaling).
+    rope_factor: float = 1.0
 
     # --- quantization (bitsandbytes) ---------------------------------------
     # nf4/fp4 store frozen weights in 4 bits (about 0.53 bytes/param with
@@ -209,6 +216,9 @@ class RunConfig:
     # Cap what this run may allocate on the GPU ("24GiB", "16GB", "0.5"
     # fraction); empty = the whole card. Used by `study` to play a small card.
     gpu_memory: str = ""
+    # Host RAM for offloaded tensors, such as 64GiB; empty = 90% of what is free. Over it, train
+    # and fit recompute attention, then keep checkpoints on the GPU (memtune.fit.choose_host_plan).
+    host_memory: str = ""
     # A validation loss (masked as training is) every val_every steps and at
     # the end, on the examples of this file (the training data's format).
     val_data: str = ""
@@ -281,6 +291,11 @@ class RunConfig:
         """Attention kept from the forward: save_attention, which acts only with offloaded checkpoints."""
         return self.save_attention and self.offloads_checkpoints
 
+    def position_limit(self, max_positions: int) -> int:
+        """The longest sequence the model's RoPE covers: max_position_embeddings, times rope_factor
+        with rope_scaling (0 = unknown stays 0)."""
+        return int(max_positions * self.rope_factor) if self.rope_scaling else max_positions
+
     def resolved_batch_size(self, effective_seq_len: int) -> int:
         """batch_size, with 0 (auto) turned into as many sequences as fill seq_len tokens, at most 8."""
         if self.batch_size:
@@ -334,7 +349,8 @@ def _coerce(name: str, value: Any) -> tuple[Any, str | None]:
     if origin is Literal:
         allowed = get_args(typ)
         if value not in allowed:
-            return value, f"{name}: expected one of {', '.join(map(str, allowed))}; got {value!r}"
+            shown = ", ".join("'' (none)" if a == "" else str(a) for a in allowed)
+            return value, f"{name}: expected one of {shown}; got {value!r}"
         return value, None
     if name == "lora_targets":
         if isinstance(value, str):
@@ -395,11 +411,18 @@ def _cross_field_problems(cfg: RunConfig) -> list[str]:
                 problems.append("answer_regex: expected a pattern with one capture group for the answer")
         except re.error as exc:
             problems.append(f"answer_regex: not a valid regular expression ({exc})")
-    if cfg.gpu_memory:
-        try:
-            parse_memory_size(cfg.gpu_memory)
-        except ValueError as exc:
-            problems.append(f"gpu_memory: {exc}")
+    for name in ("gpu_memory", "host_memory"):
+        if getattr(cfg, name):
+            try:
+                parse_memory_size(getattr(cfg, name))
+            except ValueError as exc:
+                problems.append(f"{name}: {exc}")
+    if cfg.rope_scaling and cfg.rope_factor <= 1:
+        problems.append(f"rope_factor: expected a number > 1 with rope_scaling {cfg.rope_scaling} (how many times "
+                        f"max_position_embeddings to cover); got {cfg.rope_factor:g}")
+    elif not cfg.rope_scaling and cfg.rope_factor != 1:
+        problems.append(f"rope_factor: {cfg.rope_factor:g} needs a rope_scaling type (linear, dynamic or yarn), "
+                        f"e.g. --rope-scaling yarn --rope-factor {cfg.rope_factor:g}")
     if cfg.keep_layers and cfg.speed_budget == "auto":
         problems.append(f"keep_layers, speed_budget: speed_budget auto chooses keep_layers; give one of them "
                         f"(got keep_layers {cfg.keep_layers} with speed_budget auto)")

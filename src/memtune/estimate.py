@@ -743,8 +743,10 @@ class Estimate:
 
 
 def effective_seq_len(cfg: RunConfig, shape: ModelShape) -> int:
-    """cfg.seq_len capped at the model's max_position_embeddings (as memtune.data does)."""
-    return min(cfg.seq_len, shape.max_positions) if shape.max_positions else cfg.seq_len
+    """cfg.seq_len capped at the model's max_position_embeddings, times rope_factor with rope_scaling
+    (as memtune.data does with the built model's limit)."""
+    limit = cfg.position_limit(shape.max_positions)
+    return min(cfg.seq_len, limit) if limit else cfg.seq_len
 
 
 def estimate_memory(cfg: RunConfig, model_config: dict | None = None, device: str = "cuda") -> Estimate:
@@ -783,7 +785,8 @@ def _estimate_for_shape(cfg: RunConfig, shape: ModelShape, device: str) -> Estim
     tokens = cfg.batch_size * seq
     notes = []
     if seq < cfg.seq_len:
-        notes.append(f"seq_len capped at max_position_embeddings = {seq}")
+        notes.append(f"seq_len capped at max_position_embeddings = {seq}" if not cfg.rope_scaling else
+                     f"seq_len capped at max_position_embeddings x rope_factor = {seq}")
 
     # persistent: weights, adapters, optimizer states (exist from the second step on)
     persistent = _weights(shape, cfg, c)

@@ -17,6 +17,7 @@ The path, in order:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass, field
@@ -206,6 +207,64 @@ def _hf_config(source: ModelSource, cfg: RunConfig):
     return config
 
 
+# RoPE types whose parameters name the pretraining length (transformers' standardize_rope_params)
+_ROPE_TYPES_WITH_ORIGINAL = ("llama3", "yarn", "longrope")
+
+
+def apply_rope_scaling(config: Any, cfg: RunConfig, label: str = "model") -> str | None:
+    """Set cfg.rope_scaling / rope_factor on a transformers config (its `rope_parameters`); the note.
+
+    rope_factor is the extension over the model's max_position_embeddings; transformers' `factor` is
+    the extension over the pretraining length, which a model already scaled (Llama 3.1: llama3,
+    factor 8 from 8192 to 131072) names as original_max_position_embeddings, so its scaling is
+    replaced by one covering max_position_embeddings x rope_factor from that length. dynamic
+    (NTK) takes max_position_embeddings itself as the trained length and scales beyond it, so it
+    is left as it is there and refused on a model whose RoPE is already scaled.
+    """
+    if not cfg.rope_scaling:
+        return None
+    params = getattr(config, "rope_parameters", None)
+    old_max = int(getattr(config, "max_position_embeddings", 0) or 0)
+    if not isinstance(params, dict) or not params or old_max <= 0:
+        raise UserError(f"rope_scaling: {label} has no RoPE parameters and max_position_embeddings to scale")
+    # a copy: the dict may be the preset's or config.json's own, shared with later builds
+    config.rope_parameters = params = copy.deepcopy(params)
+    nested = config.nested_rope_parameter_keys(params) if hasattr(config, "nested_rope_parameter_keys") else []
+    # per layer type (Gemma 3): only the full-attention layers see the whole sequence
+    entries = ([params["full_attention"]] if "full_attention" in nested else [params[k] for k in nested]) \
+        if nested else [params]
+    new_max = cfg.position_limit(old_max)
+    olds, factor = [], float(cfg.rope_factor)
+    for entry in (e for e in entries if e is not None):
+        old_type = entry.get("rope_type", "default")
+        if old_type != "default" and cfg.rope_scaling == "dynamic":
+            raise UserError(f"rope_scaling: dynamic cannot extend {label}, whose RoPE is already {old_type}-scaled; "
+                            f"use --rope-scaling yarn or linear")
+        original = old_max
+        if old_type in _ROPE_TYPES_WITH_ORIGINAL and entry.get("original_max_position_embeddings"):
+            original = int(entry["original_max_position_embeddings"])
+            factor = new_max / original
+        elif old_type != "default":  # linear: its factor from a length the config does not name
+            factor = float(entry.get("factor") or 1) * cfg.rope_factor
+        kept = {k: entry[k] for k in ("rope_theta", "partial_rotary_factor") if k in entry}
+        scaled = {"rope_type": cfg.rope_scaling, "factor": factor, **kept}
+        if cfg.rope_scaling == "yarn":
+            scaled["original_max_position_embeddings"] = original
+        if old_type != "default":
+            olds.append(f"{old_type} (factor {entry.get('factor', 1):g})")
+        entry.clear()
+        entry.update(scaled)
+    if cfg.rope_scaling != "dynamic":
+        config.max_position_embeddings = new_max  # the saved config says how far the model now reaches
+    try:
+        config.validate_rope()
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"rope_scaling: {label} rejects {cfg.rope_scaling} RoPE ({_first_line(exc)})") from None
+    replaced = f", replacing its {', '.join(olds)}" if olds else ""
+    return (f"rope_scaling: {cfg.rope_scaling}, factor {factor:g}{replaced}: positions up to {new_max} "
+            f"(max_position_embeddings {old_max} x {cfg.rope_factor:g})")
+
+
 def _family_names() -> list[str]:
     from memtune.families import FAMILIES
 
@@ -251,13 +310,18 @@ def _build_full_precision(source: ModelSource, cfg: RunConfig, dtype: torch.dtyp
 
     torch.manual_seed(cfg.seed)
     config = _hf_config(source, cfg)
+    rope_note = apply_rope_scaling(config, cfg, _config_label(source))
+    if rope_note:
+        notes.append(rope_note)
     attention = _attention_impl(cfg, config, device, notes)
     config._attn_implementation = attention
     _validate_on_meta(config, source, cfg)
     if source.weights_dir is not None:
+        # the scaled config replaces the directory's own; without scaling the directory's is read as before
+        scaled = {"config": config} if rope_note else {}
         return AutoModelForCausalLM.from_pretrained(
             str(source.weights_dir), dtype=dtype, attn_implementation=attention,
-            trust_remote_code=cfg.trust_remote_code, low_cpu_mem_usage=True,
+            trust_remote_code=cfg.trust_remote_code, low_cpu_mem_usage=True, **scaled,
         )
     if device.type == "cuda":
         device = _random_init_device(config, cfg, dtype, device, notes)
@@ -397,7 +461,9 @@ def build_model(cfg: RunConfig) -> BuiltModel:
             param.requires_grad_(True)
     report = apply_techniques(Target(model, cfg, device, dtype))
     notes += report.notes
-    max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+    # with rope_scaling the model's max_position_embeddings x rope_factor (dynamic leaves the config's as it was)
+    max_positions = cfg.position_limit(int(source.config_dict.get("max_position_embeddings")
+                                           or getattr(model.config, "max_position_embeddings", 0) or 0)) or 1 << 30
     return BuiltModel(model, tokenizer, device, dtype, max_positions, notes, report)
 
 

@@ -94,6 +94,9 @@ def setup(cfg: RunConfig, log: Callable[[str], None]) -> Session:
     bundle = load_data(cfg, built.tokenizer, built.max_positions)
     for note in bundle.notes:
         log(note)
+    extend = position_cap_line(cfg, built.max_positions)
+    if extend:
+        log(extend)
     if not cfg.batch_size:
         cfg = cfg.replace(batch_size=cfg.resolved_batch_size(bundle.seq_len))
         log(f"batch_size: auto -> {cfg.batch_size} sequences of {bundle.seq_len} tokens a step")
@@ -101,6 +104,17 @@ def setup(cfg: RunConfig, log: Callable[[str], None]) -> Session:
     optimizer = make_optimizer(cfg, built.model, built.device)
     scaler = torch.amp.GradScaler("cuda") if built.compute_dtype == torch.float16 and built.device.type == "cuda" else None
     return Session(cfg, built, bundle, optimizer, make_scheduler(cfg, optimizer), scaler)
+
+
+def position_cap_line(cfg: RunConfig, max_positions: int) -> str | None:
+    """How to go past the model's positions, when seq_len asks for more than they cover (data caps it)."""
+    if cfg.seq_len <= max_positions or max_positions >= 1 << 30:  # 1 << 30: the model names no limit
+        return None
+    if cfg.rope_scaling:
+        return (f"seq_len: rope_scaling {cfg.rope_scaling} x {cfg.rope_factor:g} covers {max_positions} positions; "
+                f"a larger --rope-factor trains longer")
+    return (f"seq_len: to train past max_position_embeddings ({max_positions}), scale RoPE: "
+            f"--rope-scaling yarn --rope-factor {math.ceil(cfg.seq_len / max_positions)}")
 
 
 def resolve_schedule(cfg: RunConfig, examples: int, log: Callable[[str], None]) -> RunConfig:
@@ -330,10 +344,7 @@ def run(cfg: RunConfig, out_dir: Path, log: Callable[[str], None] = print, progr
     metrics["git_commit"] = provenance.git_commit()
     cfg = plan_speed_budget(cfg, device, log)
     metrics["estimate"] = _estimate(cfg, log, device.type)
-    if device.type == "cuda":
-        available = measure.available_host_memory()
-        cfg, metrics["estimate"] = drop_saved_attention_if_host_short(cfg, metrics["estimate"], available, log)
-        host_memory_warning(metrics["estimate"], available, log)
+    cfg, metrics["estimate"] = plan_host_memory(cfg, metrics["estimate"], device.type, log)
 
     session = setup(cfg, log)
     files = RunFiles(out_dir, requested, resume.data_sha256(session.bundle))
@@ -431,40 +442,41 @@ def _estimate(cfg: RunConfig, log: Callable[[str], None], device: str = "cuda") 
             "host_bytes": {k: int(v) for k, v in estimate.host_bytes.items()}}
 
 
-def _host_need(estimate: dict[str, Any] | None) -> int:
-    return sum((estimate or {}).get("host_bytes", {}).values())
+def plan_host_memory(cfg: RunConfig, estimate: dict[str, Any] | None, device_type: str,
+                     log: Callable[[str], None], available: int | None = None) -> tuple[RunConfig, dict[str, Any] | None]:
+    """The configuration whose host tensors fit the host budget (memtune.fit.choose_host_plan), chosen
+    from the estimate before anything is built; one line says what was given up and why.
 
-
-def drop_saved_attention_if_host_short(cfg: RunConfig, estimate: dict[str, Any] | None, available: int | None,
-                                       log: Callable[[str], None]) -> tuple[RunConfig, dict[str, Any] | None]:
-    """Switch save_attention off (one line says so) when its host copies would overfill the free RAM.
-
-    Saved attention doubles what offloading keeps in host memory (65 GB for an 8B model at 131072
-    tokens, against 33 GB). Recomputing attention is slower but does not get the run killed.
+    The budget is host_memory, else 90% of the memory free now (the process itself needs the rest).
+    The free memory is a budget, not only a warning, because a run the kernel kills for memory
+    leaves no result, while each step down (attention recomputed, then checkpoints on the GPU)
+    trains the same model, only slower or with more GPU memory; the resolved config.yaml records
+    the choice, and --host-memory makes it the same on every machine. Over an explicit budget
+    with nothing left to give up, the run stops here (UserError); over the free memory it warns.
     """
-    if not cfg.saves_attention or not available or _host_need(estimate) <= 0.9 * available:
+    if device_type != "cuda":  # nothing is offloaded to the host without a GPU
+        if cfg.host_memory:
+            log(f"host_memory {cfg.host_memory} ignored: no CUDA GPU")
         return cfg, estimate
-    saved = (estimate or {}).get("host_bytes", {}).get("saved_attention", 0)
-    log(f"save_attention: off for this run, its {gib(saved)} of host memory would not fit beside the rest in "
-        f"the {gib(available)} free; attention is recomputed in backward instead")
-    cfg = cfg.replace(save_attention=False)
-    return cfg, _estimate(cfg, log)
+    if estimate is None:  # no prediction to choose from
+        return cfg, estimate
+    if cfg.host_memory:
+        budget, label = parse_memory_size(cfg.host_memory), "--host-memory"
+    else:
+        available = measure.available_host_memory() if available is None else available
+        if not available:
+            return cfg, estimate
+        budget, label = int(0.9 * available), f"90% of the {gib(available)} free (no --host-memory)"
+    from memtune.fit import choose_host_plan
 
-
-def host_memory_warning(estimate: dict[str, Any] | None, available: int | None,
-                        log: Callable[[str], None]) -> bool:
-    """Warn (one line) when the tensors this run keeps in host memory may not fit in the free RAM.
-
-    A run the kernel kills for memory leaves no metrics behind; saying so first is
-    cheaper. Only a warning: the estimate leaves out the process itself.
-    """
-    need = _host_need(estimate)
-    if not need or not available or need <= 0.9 * available:
-        return False
-    log(f"warning: host memory: this run keeps about {gib(need)} in host memory (offloaded checkpoints, "
-        f"embedding table) and {gib(available)} is free; it may be killed. "
-        f"--no-offload-activations or a shorter --seq-len needs less")
-    return True
+    plan = choose_host_plan(cfg, budget, lambda c: estimate_memory(c, device=device_type), label)
+    if not plan.fits and cfg.host_memory:
+        raise UserError("host_memory: " + (plan.line or "").removeprefix("host memory: "))
+    if plan.line:
+        log(plan.line if plan.fits else f"warning: {plan.line}; it may be killed")
+    if plan.cfg is cfg:
+        return cfg, estimate
+    return plan.cfg, _estimate(plan.cfg, log, device_type)
 
 
 def _time_metrics(cfg: RunConfig, session: Session, timer: measure.StepTimer, gpu_name: str | None) -> dict[str, Any]:
