@@ -175,3 +175,24 @@ def test_train_plans_host_memory_before_the_build():
     # no GPU: nothing is offloaded to the host
     cpu, _ = plan_host_memory(small, est, "cpu", lines.append)
     assert cpu is small and lines[-1] == f"host_memory {small.host_memory} ignored: no CUDA GPU"
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="offloading to the host needs a CUDA GPU")
+def test_train_on_a_gpu_takes_the_host_choice_and_trains(tmp_path):
+    from memtune.estimate import estimate_memory
+    from memtune.train import run
+
+    cfg = RunConfig(model="tiny", data="random", seq_len=4096, steps=2, warmup_steps=0, eval=False, device="cuda",
+                    out=str(tmp_path / "run"))
+    offload = sum(estimate_memory(cfg).host_bytes.values())
+    recompute = sum(estimate_memory(cfg.replace(save_attention=False)).host_bytes.values())
+    assert recompute < offload
+    lines: list[str] = []
+    metrics = run(cfg.replace(host_memory=str((offload + recompute) // 2)), tmp_path / "run", log=lines.append,
+                  progress=False)
+    assert metrics["status"] == "ok"
+    assert any(line.startswith("host memory:") and "recomputed" in line for line in lines)
+    import yaml
+
+    resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert resolved["save_attention"] is False and resolved["offload_activations"] is True

@@ -117,3 +117,13 @@ def test_bad_combinations_exit_2_on_the_command_line(capsys):
     assert main(["fit", "--model", "llama-3.1-8b", "--gpu-memory", "40GiB", "--rope-scaling", "yarn",
                  "--rope-factor", "1"]) == 2
     assert "rope_factor: expected a number > 1" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA path (fused RoPE, offloaded checkpoints)")
+@pytest.mark.parametrize("kind", ["linear", "yarn"])
+def test_trains_past_max_position_embeddings_on_a_gpu(tiny_llama, kind):
+    session = train.setup(llama_cfg(tiny_llama, rope_scaling=kind, rope_factor=4, seq_len=4 * MAX_POSITIONS,
+                                    device="cuda", steps=3), log=lambda _: None)
+    assert session.bundle.seq_len == 4 * MAX_POSITIONS
+    losses, _, _ = train.train_loop(session, progress=False)
+    assert all(torch.isfinite(torch.tensor(losses)))
