@@ -27,7 +27,9 @@ def write_reports(out: Path, preset: str, tolerance: float) -> tuple[Path, Path 
     versions = next((r.get("versions") for r in reversed(rows) if r.get("versions")), None)
     lines.append(f"GPU: {gpu or 'none (CPU)'}; versions: "
                  + (", ".join(f"{k} {v}" for k, v in versions.items() if v) if versions else "-"))
-    lines += ["", "NF4 double-quant, bf16 compute, LoRA r=8 alpha=16 dropout 0, batch 1, AdamW; "
+    ranks = sorted({int(r.get("lora_rank") or 8) for r in rows}) or [8]
+    lora = ", ".join(f"r={k} alpha={2 * k}" for k in ranks)
+    lines += ["", f"NF4 double-quant, bf16 compute, LoRA {lora} dropout 0, batch 1, AdamW; "
               "peak memory over the training steps (model included); tokens/s and step time are "
               "medians after warm-up; the newest record per row (a row run in several rounds, "
               "`--repeat`: the median of its rounds' tokens/s and their highest peaks).", ""]
