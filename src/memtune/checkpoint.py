@@ -77,6 +77,7 @@ class Trained:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None
     lora: bool
+    parallel: Any = None  # memtune.distributed.Parallel of a --strategy ddp|fsdp run
 
 
 def checkpoints_dir(out_dir: Path) -> Path:
@@ -93,11 +94,22 @@ def save(out_dir: Path, trained: Trained, cfg: RunConfig, meta: dict[str, Any]) 
     """Write DIR/checkpoints/step-N/ (N = meta["state"]["step"]) through a temporary directory."""
     step = meta["state"]["step"]
     final = step_dir(out_dir, step)
+    weights = optimizer = None
+    if trained.parallel is not None and trained.parallel.shards:
+        # FSDP2: every rank takes part in gathering the shards; what rank 0 writes is the
+        # single-process format, so either kind of run resumes it (memtune.distributed)
+        from memtune import distributed
+
+        weights = distributed.trained_state(trained.model)
+        optimizer = distributed.optimizer_state(trained.model, trained.optimizer)
+    if trained.parallel is not None and not trained.parallel.is_main:
+        return final  # rank 0 alone writes
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    trained.model.save_pretrained(str(tmp / ("adapter" if trained.lora else "model")))
-    torch.save(_tensor_state(trained), tmp / TENSOR_STATE)
+    trained.model.save_pretrained(str(tmp / ("adapter" if trained.lora else "model")),
+                                  **({"state_dict": weights} if weights is not None else {}))
+    torch.save(_tensor_state(trained, optimizer), tmp / TENSOR_STATE)
     write_text_atomic(tmp / TRAINER_STATE, json.dumps({**meta, "rng": _host_rng_state()}, indent=1))
     save_yaml(cfg, tmp / "config.yaml")
     write_text_atomic(tmp / MANIFEST, json.dumps(_manifest(tmp), indent=1))
@@ -110,8 +122,9 @@ def save(out_dir: Path, trained: Trained, cfg: RunConfig, meta: dict[str, Any]) 
     return final
 
 
-def _tensor_state(trained: Trained) -> dict[str, Any]:
-    state = {"optimizer": trained.optimizer.state_dict(), "scheduler": trained.scheduler.state_dict(),
+def _tensor_state(trained: Trained, optimizer: dict[str, Any] | None = None) -> dict[str, Any]:
+    state = {"optimizer": optimizer if optimizer is not None else trained.optimizer.state_dict(),
+             "scheduler": trained.scheduler.state_dict(),
              "torch_rng": torch.get_rng_state()}
     if trained.scaler is not None:
         state["scaler"] = trained.scaler.state_dict()
@@ -207,9 +220,15 @@ def latest(out_dir: Path, log: Callable[[str], None]) -> Checkpoint | None:
 
 def restore(checkpoint: Checkpoint, trained: Trained) -> TrainState:
     """Load the weights, optimizer, scheduler, scaler and every RNG state; return the run's progress."""
-    _load_weights(checkpoint.path, trained)
     state = torch.load(checkpoint.path / TENSOR_STATE, map_location="cpu", weights_only=True)
-    trained.optimizer.load_state_dict(state["optimizer"])
+    if trained.parallel is not None and trained.parallel.shards:  # whole weights into FSDP2's shards
+        from memtune import distributed
+
+        distributed.load_trained(trained.parallel, trained.model, trained.optimizer,
+                                 _weights_by_parameter(checkpoint.path, trained), state["optimizer"])
+    else:
+        _load_weights(checkpoint.path, trained)
+        trained.optimizer.load_state_dict(state["optimizer"])
     # The schedule's function is not in its state: the one built from the current `steps` is used,
     # so a resume with more steps follows the schedule of the new total from here on.
     trained.scheduler.load_state_dict(state["scheduler"])
@@ -261,6 +280,25 @@ def _load_weights(path: Path, trained: Trained) -> None:
     if unexpected:
         raise UserError(f"resume: {path} holds weights this model does not have ({unexpected[0]}, ...); "
                         f"it was written for another model")
+
+
+def _weights_by_parameter(path: Path, trained: Trained) -> dict[str, torch.Tensor]:
+    """The checkpoint's trained weights keyed by the model's parameter names (peft saves a LoRA
+    weight without its adapter's name: lora_A.default.weight is stored as lora_A.weight)."""
+    from safetensors.torch import load_file
+
+    folder = path / ("adapter" if trained.lora else "model")
+    saved: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        saved.update(load_file(str(file)))
+    names = [name for name, p in trained.model.named_parameters() if p.requires_grad]
+    adapter = getattr(trained.model, "active_adapter", "default") if trained.lora else None
+    found = {name: saved[key] for name in names
+             if (key := name.replace(f".{adapter}", "") if adapter else name) in saved}
+    if len(found) != len(names):
+        missing = next(name for name in names if name not in found)
+        raise UserError(f"resume: {folder} has no weight for {missing}; the checkpoint is of another model")
+    return found
 
 
 def state_dict(state: TrainState) -> dict[str, Any]:

@@ -32,6 +32,7 @@ LongPolicy = Literal["truncate", "drop"]
 LoraMatmul = Literal["compute", "fp32"]
 ResidualDtype = Literal["compute", "fp32"]
 Device = Literal["auto", "cuda", "cpu"]
+Strategy = Literal["single", "ddp", "fsdp"]
 SpeedBudget = Literal["off", "auto"]
 RopeScaling = Literal["", "linear", "dynamic", "yarn"]
 LogSink = Literal["jsonl", "tensorboard"]
@@ -213,6 +214,11 @@ class RunConfig:
     optimizer: Optimizer = "adamw"
     seed: int = 0
     device: Device = "auto"
+    # Several processes under torchrun: single, ddp (replicas, LoRA gradients all-reduced) or fsdp
+    # (FSDP2: weights, LoRA and optimizer sharded). batch_size stays the global batch (memtune.distributed).
+    strategy: Strategy = "single"
+    # GPUs each sequence is split across (ring attention over SDPA; CUDA and NCCL only). 1 = off.
+    context_parallel: int = 1
     # Cap what this run may allocate on the GPU ("24GiB", "16GB", "0.5"
     # fraction); empty = the whole card. Used by `study` to play a small card.
     gpu_memory: str = ""
@@ -320,6 +326,7 @@ _RANGE_CHECKS: dict[str, tuple[Any, str]] = {
     "seq_len": (lambda v: v >= 1, "an integer >= 1"),
     "batch_size": (lambda v: v >= 0, "an integer >= 0 (0 = auto)"),
     "grad_accum": (lambda v: v >= 1, "an integer >= 1"),
+    "context_parallel": (lambda v: v >= 1, "an integer >= 1 (1 = off)"),
     "steps": (lambda v: v >= 1, "an integer >= 1"),
     "epochs": (lambda v: 0 <= v <= 1e6, "a number of passes >= 0 (0 = use steps)"),
     "val_split": (lambda v: 0 <= v < 1, "a fraction in [0, 1) (0 = none)"),

@@ -11,6 +11,8 @@ run nor a new one. Allowed to change:
   was extended; the steps already done keep the losses they had.
 - `checkpoint_every`, `checkpoint_keep`, `log`, `val_every`, `out`: where and how
   often the run writes and validates; none of them touches the training.
+- `strategy`: single, ddp or fsdp (torchrun); the checkpoint's format and the global batch are the
+  same under each, so a run saved under fsdp resumes in one process and the reverse.
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ from memtune import checkpoint
 from memtune.config import FIELD_NAMES, RunConfig, from_stored_dict, load_yaml
 from memtune.errors import UserError
 
-MAY_CHANGE = frozenset({"steps", "epochs", "checkpoint_every", "checkpoint_keep", "log", "val_every", "out"})
+# strategy: a checkpoint holds the whole adapter and optimizer state in one format whatever the strategy
+# (memtune.distributed), and the global batch, hence every step, is the same under each
+MAY_CHANGE = frozenset({"steps", "epochs", "checkpoint_every", "checkpoint_keep", "log", "val_every", "out",
+                        "strategy"})
 
 
 def resume_run(args: Any, out_dir: Path, log: Callable[[str], None] = print) -> tuple[RunConfig, checkpoint.Checkpoint]:

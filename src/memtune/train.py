@@ -47,6 +47,7 @@ class Session:
     grad_norm: float = math.nan  # of the last step, before clipping
     lr: float = math.nan  # the learning rate the last step used
     step_tokens: int = 0  # token positions the last step trained on (padding included)
+    parallel: Any = None  # memtune.distributed.Parallel under --strategy ddp|fsdp (torchrun), else None
 
     @property
     def trained_params(self) -> list[torch.Tensor]:
@@ -84,11 +85,15 @@ def make_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer) -> torch.op
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def setup(cfg: RunConfig, log: Callable[[str], None]) -> Session:
+def setup(cfg: RunConfig, log: Callable[[str], None], parallel: Any = None) -> Session:
     from memtune.data import load_data
 
     torch.manual_seed(cfg.seed)
     built = build_model(cfg)
+    if parallel is not None:  # before the optimizer: FSDP2 replaces the parameters it steps
+        from memtune import distributed
+
+        distributed.wrap(parallel, built.model, cfg)
     for note in built.notes:
         log(note)
     bundle = load_data(cfg, built.tokenizer, built.max_positions)
@@ -100,10 +105,13 @@ def setup(cfg: RunConfig, log: Callable[[str], None]) -> Session:
     if not cfg.batch_size:
         cfg = cfg.replace(batch_size=cfg.resolved_batch_size(bundle.seq_len))
         log(f"batch_size: auto -> {cfg.batch_size} sequences of {bundle.seq_len} tokens a step")
+        if parallel is not None and cfg.batch_size % parallel.world:  # the global batch: a share per rank
+            cfg = cfg.replace(batch_size=max(1, cfg.batch_size // parallel.world) * parallel.world)
+            log(f"batch_size: -> {cfg.batch_size}, a multiple of the {parallel.world} processes")
     cfg = resolve_schedule(cfg, len(bundle.train), log)
     optimizer = make_optimizer(cfg, built.model, built.device)
     scaler = torch.amp.GradScaler("cuda") if built.compute_dtype == torch.float16 and built.device.type == "cuda" else None
-    return Session(cfg, built, bundle, optimizer, make_scheduler(cfg, optimizer), scaler)
+    return Session(cfg, built, bundle, optimizer, make_scheduler(cfg, optimizer), scaler, parallel=parallel)
 
 
 def position_cap_line(cfg: RunConfig, max_positions: int) -> str | None:
@@ -138,10 +146,16 @@ def train_step(session: Session, batches) -> float:
     if session.feed is None or session.feed.batches is not batches:
         session.feed = BatchFeed(batches, model, session.built.device)
     session.step_tokens = 0
-    for _ in range(cfg.grad_accum):
+    parallel = session.parallel
+    for micro in range(cfg.grad_accum):
         ready = session.feed.take()
-        session.step_tokens += ready.host["input_ids"].numel()
-        loss = forward_loss(model, ready.device, cfg, host_batch=ready.host, host_embeds=ready.embeds) / cfg.grad_accum
+        session.step_tokens += ready.host["input_ids"].numel() * (parallel.world if parallel else 1)
+        if parallel is not None:  # this rank's share through DDP / FSDP2; gradients reduced at the last
+            from memtune.distributed import step_loss
+
+            loss = step_loss(parallel, ready, sync=micro == cfg.grad_accum - 1) / cfg.grad_accum
+        else:
+            loss = forward_loss(model, ready.device, cfg, host_batch=ready.host, host_embeds=ready.embeds) / cfg.grad_accum
         # let go of the batch before backward: held, its embeddings ([tokens, hidden], 0.4 GB at
         # 131072 tokens of the 1.5B shape) would add to the backward's peak (measured on the H200)
         del ready
@@ -163,6 +177,10 @@ def train_step(session: Session, batches) -> float:
         session.optimizer.step()
     session.lr = session.optimizer.param_groups[0]["lr"]
     session.scheduler.step()
+    if parallel is not None:  # the global batch's loss; FSDP2's norm is a DTensor over the shards
+        from memtune.distributed import full, mean
+
+        total, norm = mean(parallel, total), full(norm)
     session.grad_norm = float(norm)
     return float(total)  # a CPU-GPU sync point, once per step
 
@@ -206,6 +224,10 @@ def train_loop(session: Session, progress: bool, files: RunFiles | None = None,
     model.train()
     # a resumed run skips the micro-batches its steps so far took: the same batches follow
     batches = iterate_batches(session.bundle, cfg, cfg.seed, start=state.step * cfg.grad_accum)
+    if session.parallel is not None:  # every rank walks the global stream and takes its rows
+        from memtune.distributed import RankBatches
+
+        batches = RankBatches(batches, session.parallel)
     timer = measure.StepTimer(device)
     timer.times = list(state.step_times)
     grads_bytes = 0
@@ -248,7 +270,7 @@ def after_step(session: Session, files: RunFiles, state: TrainState, batches: An
                 "data_position": batches.position(step * cfg.grad_accum), "data_sha256": files.data_sha256,
                 "val_loss": val}
         trained = checkpoint.Trained(session.built.model, session.optimizer, session.scheduler, session.scaler,
-                                     cfg.lora)
+                                     cfg.lora, session.parallel)
         path = checkpoint.save(files.out_dir, trained, cfg, meta)
         checkpoint.prune(files.out_dir, cfg.checkpoint_keep, state.best and state.best["step"])
     if signum:
@@ -280,7 +302,13 @@ def validation_loss(session: Session) -> float:
                 host = collate(bundle.val[start:start + size], bundle.pad_token_id, None, False)
                 batch = {k: v.to(device) for k, v in host.items()}
                 counted = int((host["labels"][:, 1:] != -100).sum())  # the tokens the mean is over
-                total += float(forward_loss(model, batch, cfg, host_batch=host)) * counted
+                if session.parallel is not None:  # every rank the whole batch, through the wrapper
+                    from memtune.distributed import eval_loss
+
+                    loss = eval_loss(session.parallel, batch, host)
+                else:
+                    loss = forward_loss(model, batch, cfg, host_batch=host)
+                total += float(loss) * counted
                 tokens += counted
     finally:
         model.train()
@@ -337,6 +365,7 @@ def run(cfg: RunConfig, out_dir: Path, log: Callable[[str], None] = print, progr
     started_at, wall_start = provenance.now_iso(), time.perf_counter()
     requested = cfg
     require_sink(cfg)
+    parallel, cfg, out_dir, log, progress = _parallel_run(cfg, out_dir, log, progress)
     device = _apply_gpu_cap(cfg, log)
     metrics: dict[str, Any] = {"status": "running", "config_hash": cfg.config_hash(), "started_at": started_at}
     metrics.update(measure.device_info(device))
@@ -346,7 +375,7 @@ def run(cfg: RunConfig, out_dir: Path, log: Callable[[str], None] = print, progr
     metrics["estimate"] = _estimate(cfg, log, device.type)
     cfg, metrics["estimate"] = plan_host_memory(cfg, metrics["estimate"], device.type, log)
 
-    session = setup(cfg, log)
+    session = setup(cfg, log, parallel)
     files = RunFiles(out_dir, requested, resume.data_sha256(session.bundle))
     if resume_from is not None:
         resume.check_resolved(resume_from, session.cfg, files.data_sha256, session.bundle.train)
@@ -361,15 +390,27 @@ def run(cfg: RunConfig, out_dir: Path, log: Callable[[str], None] = print, progr
                    compute_dtype=str(session.built.compute_dtype).replace("torch.", ""))
 
     state = _start_or_resume(session, out_dir, resume_from, log, progress)
-    measure.reset_peak(session.built.device, owners=(session.built.model, session.optimizer))
+    if parallel is not None and parallel.shards and session.built.device.type == "cpu":
+        # FSDP2 frees and regrows its gathered storages, which the CPU tensor tracker cannot follow:
+        # a CPU fsdp run reports peak RSS only (a GPU run the allocator's peaks, as always)
+        measure._reset_peak_rss()
+    else:
+        measure.reset_peak(session.built.device, owners=(session.built.model, session.optimizer))
     losses, timer, grads_bytes = train_loop(session, progress, files, state)
     peaks = measure.peak_memory(session.built.device)
     after = evaluate(session, "after", log, progress)
 
     metrics.update(peaks)
     peak = measure.peak_bytes(peaks)
+    if parallel is not None:
+        metrics["strategy"] = session.cfg.strategy
     metrics["memory_breakdown"] = measure.memory_breakdown(peak, model, session.optimizer, grads_bytes)
     metrics.update(_time_metrics(session.cfg, session, timer, metrics.get("gpu_name")))
+    if parallel is not None:  # each rank's peak and step time; memory totals over the group
+        from memtune import distributed
+
+        mine = {"rank": parallel.rank, **peaks, "step_time_s": metrics["step_time_s"]}
+        metrics.update(distributed.rank_summary(distributed.gather_metrics(parallel, mine), metrics["tokens_per_s"]))
     metrics.update(losses=losses, loss_first=losses[0], loss_last=losses[-1])
     if state.val_losses:
         metrics.update(val_loss=state.val_losses[-1]["loss"], val_losses=state.val_losses)
@@ -380,7 +421,7 @@ def run(cfg: RunConfig, out_dir: Path, log: Callable[[str], None] = print, progr
                        eval_examples=after.total)
         _write_predictions(out_dir, "after", after)
     plot_losses(out_dir, losses, state.val_losses)
-    _save_weights(model, cfg, out_dir)
+    _save_weights(model, cfg, out_dir, session.parallel)
     if session.cfg.checkpoint_keep == 0:
         checkpoint.remove_all(out_dir)
     metrics["batch_size"] = session.cfg.batch_size
@@ -390,7 +431,34 @@ def run(cfg: RunConfig, out_dir: Path, log: Callable[[str], None] = print, progr
     write_run_report(out_dir, session.cfg, metrics)
     # last: a directory without metrics.json is not a result, so everything it describes comes first
     write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+    if parallel is not None and not parallel.is_main:  # its files were a scratch copy
+        shutil.rmtree(out_dir, ignore_errors=True)
     return metrics
+
+
+def _parallel_run(cfg: RunConfig, out_dir: Path, log: Callable[[str], None], progress: bool):
+    """Under torchrun (--strategy ddp|fsdp): the process group, the configuration the strategy takes
+    (memtune.distributed.plan), and for every rank but 0 a scratch directory, no log lines and no bars:
+    rank 0 alone writes the run directory."""
+    from memtune import distributed
+
+    parallel = distributed.init(cfg)
+    if parallel is None:
+        return None, cfg, out_dir, log, progress
+    if not parallel.is_main:
+        import tempfile
+
+        out_dir, log, progress = Path(tempfile.mkdtemp(prefix=f"memtune-rank{parallel.rank}-")), _silent, False
+    cfg, notes = distributed.plan(cfg, parallel)
+    log(f"strategy {cfg.strategy}: {parallel.world} processes ({parallel.device.type}); batch_size "
+        f"{cfg.batch_size or 'auto'} is the global batch, each rank takes its share")
+    for note in notes:
+        log(note)
+    return parallel, cfg, out_dir, log, progress
+
+
+def _silent(_: str) -> None:
+    pass
 
 
 def _apply_gpu_cap(cfg: RunConfig, log: Callable[[str], None]) -> torch.device:
@@ -514,7 +582,7 @@ def _start_or_resume(session: Session, out_dir: Path, resume_from: checkpoint.Ch
         _write_predictions(out_dir, "before", before)
         return TrainState(before={"accuracy": before.accuracy, "correct": before.correct, "total": before.total})
     trained = checkpoint.Trained(session.built.model, session.optimizer, session.scheduler, session.scaler,
-                                 session.cfg.lora)
+                                 session.cfg.lora, session.parallel)
     state = checkpoint.restore(resume_from, trained)
     log(f"resumed from {resume_from.path} (step {state.step} of {session.cfg.steps})")
     return state
@@ -525,11 +593,18 @@ def _write_predictions(out_dir: Path, label: str, result: Any) -> None:
     write_text_atomic(out_dir / f"predictions_{label}.jsonl", lines + "\n")
 
 
-def _save_weights(model: nn.Module, cfg: RunConfig, out_dir: Path) -> None:
+def _save_weights(model: nn.Module, cfg: RunConfig, out_dir: Path, parallel: Any = None) -> None:
     """Save to a temporary directory and rename, so a killed run leaves no half an adapter."""
+    state = None
+    if parallel is not None and parallel.shards:  # every rank takes part in gathering the shards
+        from memtune.distributed import trained_state
+
+        state = trained_state(model)
+    if parallel is not None and not parallel.is_main:
+        return
     final = out_dir / ("adapter" if cfg.lora else "model")
     tmp = out_dir / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
+    model.save_pretrained(str(tmp), **({"state_dict": state} if state is not None else {}))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)

@@ -42,8 +42,11 @@ def run(args: argparse.Namespace) -> int:
     overwrite, resume = bool(getattr(args, "overwrite", False)), bool(getattr(args, "resume", False))
     if resume and not cfg.out:  # not a new default directory, which has nothing to resume
         raise UserError("resume: expected --out DIR, the run directory to continue")
+    # torchrun's ranks but 0 neither check, lock nor write the run directory (rank 0 does)
+    main = _launched_rank() == 0
     # Everything a user can get wrong about where the run goes or how big it is, before anything loads.
-    run_dir.check(out_dir, overwrite=overwrite, resume=resume)
+    if main:
+        run_dir.check(out_dir, overwrite=overwrite, resume=resume)
     resume_from = None
     if resume:
         from memtune.resume import resume_run
@@ -51,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
         cfg, resume_from = resume_run(args, out_dir)
     bounds.check_lora_rank(cfg)
     try:
-        run_dir.prepare(out_dir, overwrite=overwrite, resume=resume)
+        if main:
+            run_dir.prepare(out_dir, overwrite=overwrite, resume=resume)
         metrics = train.run(cfg, out_dir, progress=not args.quiet, resume_from=resume_from)
     except Stopped as stop:
         where = f"checkpoint {stop.checkpoint}; " if stop.checkpoint else ""
@@ -63,14 +67,28 @@ def run(args: argparse.Namespace) -> int:
     except (RuntimeError, MemoryError) as exc:
         if not is_out_of_memory(exc):
             raise
-        _record_failure(out_dir, cfg, "oom", exc)
+        if main:
+            _record_failure(out_dir, cfg, "oom", exc)
         print(f"memtune train: out of memory: {_first_line(exc)}", file=sys.stderr)
         return EXIT_OOM
     finally:
-        run_dir.unlock(out_dir)
+        if main:
+            run_dir.unlock(out_dir)
+    if not main:
+        return 0
     print_summary(metrics)
     print(f"wrote {out_dir}/ (config.yaml, metrics.json, {'adapter' if cfg.lora else 'model'}/, report.md)")
     return 0
+
+
+def _launched_rank() -> int:
+    """This process's rank under torchrun (RANK), 0 outside it."""
+    import os
+
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
 
 
 def _record_failure(out_dir: Path, cfg: RunConfig, status: str, exc: BaseException) -> None:
