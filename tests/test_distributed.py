@@ -241,6 +241,22 @@ def test_nccl_run_matches_one_gpu(tmp_path, strategy):
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-4)
 
 
+@pytest.mark.gpu
+@two_gpus
+def test_context_parallel_on_two_gpus_matches_one_gpu(tmp_path):
+    """--context-parallel 2: each sequence split over the two GPUs (ring attention over SDPA), the
+    same losses as one GPU with the whole sequences (fp32; SDPA's memory-efficient kernel)."""
+    data = write_data(tmp_path / "data.jsonl")
+    gpu = ("--device", "cuda", "--attention", "sdpa", "--no-save-attention")
+    assert memtune_train(train_args(tmp_path / "one", data, "single", *gpu)) == 0
+    env = {**os.environ, **launch_env()}
+    argv = train_args(tmp_path / "two", data, "ddp", *gpu, "--context-parallel", "2")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "memtune", *argv], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-4)
+
+
 if __name__ == "__main__":
     from memtune.cli import quiet_libraries
 

@@ -55,10 +55,21 @@ class Parallel:
     local_rank: int
     device: torch.device
     root: nn.Module | None = None  # the DDP / fully_shard loss module (wrap)
+    context: int = 1  # ranks each sequence is split across (--context-parallel); rows go to groups of them
+    context_mesh: Any = None  # the DeviceMesh of this rank's context-parallel group
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def data_rank(self) -> int:
+        """Which rows of the global batch this rank takes: the ranks of one context group share them."""
+        return self.rank // self.context
+
+    @property
+    def data_world(self) -> int:
+        return self.world // self.context
 
     @property
     def shards(self) -> bool:
@@ -100,7 +111,7 @@ def init(cfg: RunConfig) -> Parallel | None:
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    return Parallel(cfg.strategy, rank, dist.get_world_size(), local_rank, device)
+    return Parallel(cfg.strategy, rank, dist.get_world_size(), local_rank, device, context=cfg.context_parallel)
 
 
 def shutdown() -> None:
@@ -114,11 +125,20 @@ def plan(cfg: RunConfig, parallel: Parallel) -> tuple[RunConfig, list[str]]:
     """cfg with the techniques the strategy cannot take turned off, each with its one-line note;
     UserError for a combination that cannot run at all."""
     notes: list[str] = []
-    if cfg.batch_size and cfg.batch_size % parallel.world:
+    rows = parallel.world // max(1, cfg.context_parallel)  # the ranks of a context group share rows
+    if cfg.batch_size and rows and cfg.batch_size % rows:
         raise UserError(f"batch_size: {cfg.batch_size} is the global batch and must divide into "
-                        f"{parallel.world} processes (--nproc-per-node x nodes); give a multiple of {parallel.world}")
+                        f"{rows} processes (--nproc-per-node x nodes); give a multiple of {rows}")
     if cfg.context_parallel > 1:
         check_context_parallel(cfg, parallel)
+        changes = {}
+        if cfg.embeddings_on_host:  # the lookup would run on the whole sequence, before it is split
+            changes["embeddings_on_host"] = False
+            notes.append("embeddings_on_host: off with context_parallel (the input ids are split on the GPU)")
+        if cfg.save_attention:  # it records SDPA's outputs, which ring attention replaces
+            changes["save_attention"] = False
+            notes.append("save_attention: off with context_parallel (ring attention replaces SDPA)")
+        cfg = cfg.replace(**changes) if changes else cfg
     if not parallel.shards:
         return cfg, notes
     if cfg.quantization == "int8":
@@ -150,6 +170,12 @@ def check_context_parallel(cfg: RunConfig, parallel: Parallel) -> None:
         raise UserError(f"context_parallel: {cfg.context_parallel} must divide the {parallel.world} processes")
     if cfg.attention not in ("auto", "sdpa"):
         raise UserError(f"context_parallel: ring attention runs over SDPA; got attention {cfg.attention}")
+    if cfg.strategy != "ddp":
+        raise UserError("context_parallel: runs with --strategy ddp (the LoRA gradients all-reduced over "
+                        "every rank); fsdp with it is not built")
+    if cfg.packing:
+        raise UserError("context_parallel: packed sequences need a per-document mask, which ring attention "
+                        "over causal SDPA does not take; use --no-packing")
 
 
 # --- the step ----------------------------------------------------------------------------------
@@ -176,7 +202,7 @@ class RankBatches:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        return shard_batch(next(self.stream), self.parallel.rank, self.parallel.world)
+        return shard_batch(next(self.stream), self.parallel.data_rank, self.parallel.data_world)
 
     def __getattr__(self, name: str) -> Any:  # position(), taken, ...: the global stream's
         return getattr(self.stream, name)
@@ -193,7 +219,11 @@ def shard_batch(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[s
     total = labelled_tokens(batch["labels"])
     share = labelled_tokens(local["labels"])
     local[LOSS_SCALE] = torch.tensor(world * share / total if total else 0.0, dtype=torch.float64)
+    local[LABELLED_TOTAL] = torch.tensor(total, dtype=torch.float64)
     return local
+
+
+LABELLED_TOTAL = "labelled_total"  # host batch key: the global batch's labelled tokens (context parallelism)
 
 
 class LossModule(nn.Module):
@@ -207,9 +237,11 @@ class LossModule(nn.Module):
         self.cfg = cfg
 
     def forward(self, batch: dict[str, torch.Tensor], host_batch: dict[str, torch.Tensor] | None = None,
-                host_embeds: torch.Tensor | None = None, weighted: bool = True) -> torch.Tensor:
+                host_embeds: torch.Tensor | None = None, weighted: bool = True, shifted: bool = False) -> torch.Tensor:
         from memtune.loss import forward_loss
 
+        if shifted:  # context parallelism: labels shifted before the sequence was split
+            return shifted_loss_sum(self.model, batch, self.cfg)
         loss = forward_loss(self.model, batch, self.cfg, host_batch=host_batch, host_embeds=host_embeds)
         scale = (host_batch or {}).get(LOSS_SCALE)
         return loss * float(scale) if weighted and scale is not None else loss
@@ -218,6 +250,12 @@ class LossModule(nn.Module):
 def wrap(parallel: Parallel, model: nn.Module, cfg: RunConfig) -> nn.Module:
     """DDP or FSDP2 over the model (built on this rank's device); sets and returns parallel.root."""
     root = LossModule(model, cfg)
+    if parallel.context > 1:
+        from torch.distributed.device_mesh import init_device_mesh as mesh_of
+
+        # [rows, context]: the ranks of one context group are neighbours (one host's NVLink, if any)
+        parallel.context_mesh = mesh_of("cuda", (parallel.data_world, parallel.context),
+                                        mesh_dim_names=("rows", "context"))["context"]
     if parallel.strategy == "ddp":
         ids = [parallel.device.index] if parallel.device.type == "cuda" else None
         # init_sync off: every rank built the same weights from the same seed; broadcasting would
@@ -270,6 +308,64 @@ def step_loss(parallel: Parallel, ready: Any, sync: bool) -> torch.Tensor:
     else:
         root.set_requires_gradient_sync(sync)
     return root(ready.device, ready.host, ready.embeds)
+
+
+def context_parallel_backward(parallel: Parallel, ready: Any, cfg: RunConfig, sync: bool) -> torch.Tensor:
+    """--context-parallel: this group's rows with each sequence split across its ranks, ring attention
+    over SDPA (torch.distributed.tensor.experimental.context_parallel), forward and backward inside
+    it; returns this rank's share of the global loss (detached: the backward has run).
+
+    The labels are shifted by one before the split (a chunk's last position predicts the next
+    chunk's first token), the sequence padded to a multiple of 2 x N (PyTorch's causal load
+    balancing hands each rank a head and a tail chunk), and the loss is the sum over this rank's
+    labelled tokens / the global batch's, times world (DDP averages over every rank).
+    """
+    from torch.distributed.tensor.experimental import context_parallel
+
+    batch, host = ready.device, ready.host
+    ids, labels = batch["input_ids"], batch["labels"]
+    rows, length = ids.shape
+    shifted = torch.cat([labels[:, 1:], labels.new_full((rows, 1), -100)], dim=1)
+    positions = batch.get("position_ids")
+    if positions is None:
+        positions = torch.arange(length, device=ids.device).expand(rows, length)
+    multiple = 2 * parallel.context
+    pad = (-length) % multiple
+    if pad:  # right padding: causal attention never lets a real token see it
+        ids = torch.nn.functional.pad(ids, (0, pad), value=0)
+        shifted = torch.nn.functional.pad(shifted, (0, pad), value=-100)
+        positions = torch.cat([positions, positions[:, -1:] + torch.arange(1, pad + 1, device=ids.device)], dim=1)
+    ids, shifted, positions = ids.contiguous(), shifted.contiguous(), positions.contiguous()
+    total = float(host[LABELLED_TOTAL])
+    parallel.root.require_backward_grad_sync = sync
+    buffers = [ids, shifted, positions]
+    with context_parallel(parallel.context_mesh, buffers=buffers, buffer_seq_dims=[1, 1, 1],
+                          no_restore_buffers=set(buffers)):
+        loss_sum = parallel.root({"input_ids": ids, "labels": shifted, "position_ids": positions}, None, None,
+                                 weighted=False, shifted=True)
+        share = loss_sum * (parallel.world / total if total else 0.0) / cfg.grad_accum
+        share.backward()
+    return share.detach() * cfg.grad_accum
+
+
+def shifted_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], cfg: RunConfig) -> torch.Tensor:
+    """The summed loss of labels already shifted by one (position t against label t), chunked as
+    memtune.loss.lm_loss is: the context-parallel step's, over its split of the sequence."""
+    from memtune.kernels import chunked_linear_cross_entropy
+    from memtune.kernels._common import base_model
+    from memtune.loss import _softcap_kwargs, chunkable_head, loss_chunk_kernel
+
+    head = chunkable_head(model)
+    if head is None:
+        raise UserError("context_parallel: needs the chunked loss over a plain lm_head (--loss chunked)")
+    hidden = base_model(model).get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                            use_cache=False).last_hidden_state
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = batch["labels"].reshape(-1)
+    mean = chunked_linear_cross_entropy(hidden, head.weight, labels, bias=head.bias,
+                                        chunk_tokens=cfg.loss_chunk_tokens, fused=loss_chunk_kernel(cfg, hidden.device),
+                                        **_softcap_kwargs(model))
+    return mean * (labels != -100).sum()
 
 
 def eval_loss(parallel: Parallel, batch: dict[str, torch.Tensor], host_batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -150,6 +150,13 @@ def train_step(session: Session, batches) -> float:
     for micro in range(cfg.grad_accum):
         ready = session.feed.take()
         session.step_tokens += ready.host["input_ids"].numel() * (parallel.world if parallel else 1)
+        if parallel is not None and parallel.context > 1:  # the sequence split across ranks: its own backward
+            from memtune.distributed import context_parallel_backward
+
+            total += context_parallel_backward(parallel, ready, cfg, sync=micro == cfg.grad_accum - 1) / cfg.grad_accum
+            del ready
+            session.feed.prepare()
+            continue
         if parallel is not None:  # this rank's share through DDP / FSDP2; gradients reduced at the last
             from memtune.distributed import step_loss
 
