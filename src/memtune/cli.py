@@ -146,6 +146,12 @@ RUN_ENVIRONMENT: dict[str, str] = {
 }
 
 
+# Every process memtune starts for several GPUs (torchrun's ranks, `study --gpus` runs) has NVLink
+# multicast (NVLS) off, as the machines it was built for require; rings over NVLink/PCIe stay.
+MULTI_GPU_ENVIRONMENT: dict[str, str] = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                                         "NVSHMEM_DISABLE_NVLS": "1"}
+
+
 def set_run_environment(env: MutableMapping[str, str]) -> None:
     """Fill in RUN_ENVIRONMENT where `env` (os.environ, or a child process's) has no value; a user's wins."""
     for key, value in RUN_ENVIRONMENT.items():

@@ -34,15 +34,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from memtune.cli import MULTI_GPU_ENVIRONMENT
 from memtune.config import RunConfig
 from memtune.errors import UserError
 
 STRATEGIES = ("single", "ddp", "fsdp")
 
-# Set in every process memtune starts for several GPUs (and in torchrun's own where unset): NVLink
-# multicast (NVLS) is off, as the machines this was built for require; plain NVLink/PCIe rings stay.
-SAFE_ENV: dict[str, str] = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-                            "NVSHMEM_DISABLE_NVLS": "1"}
+# NVLink multicast off in every rank, set before NCCL starts (a user's own setting wins)
+SAFE_ENV = MULTI_GPU_ENVIRONMENT
 
 
 @dataclass

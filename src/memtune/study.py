@@ -55,10 +55,12 @@ import itertools
 import json
 import os
 import platform
+import queue
 import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -568,15 +570,21 @@ class Runner:
         self.command = list(command) if command else default_train_command()
         self.timeout_s = timeout_s or None
 
-    def _env(self) -> dict[str, str]:
+    def _env(self, gpu: str | None = None) -> dict[str, str]:
         env = dict(os.environ)
+        if gpu is not None:  # --gpus: the run sees this one GPU (as cuda:0)
+            env["CUDA_VISIBLE_DEVICES"] = gpu
+        from memtune.cli import MULTI_GPU_ENVIRONMENT
+
+        for key, value in MULTI_GPU_ENVIRONMENT.items():  # NVLink multicast off (a user's own setting wins)
+            env.setdefault(key, value)
         src = str(Path(__file__).resolve().parent.parent)  # so `-m memtune` works without an install
         parts = [src] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != src]
         env["PYTHONPATH"] = os.pathsep.join(parts)
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
-    def run(self, config_path: Path, run_dir: Path) -> Outcome:
+    def run(self, config_path: Path, run_dir: Path, gpu: str | None = None) -> Outcome:
         run_dir.mkdir(parents=True, exist_ok=True)
         metrics_path = run_dir / "metrics.json"
         # a stale result must never pass for this run's, and `memtune train` refuses a directory holding
@@ -590,7 +598,7 @@ class Runner:
         with open(run_dir / "stdout.log", "wb") as out, open(run_dir / "stderr.log", "wb") as err:
             try:
                 proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                        env=self._env(), preexec_fn=_child_setup(os.getpid()))
+                                        env=self._env(gpu), preexec_fn=_child_setup(os.getpid()))
             except OSError as exc:
                 raise UserError(f"cannot start the train command {shlex.join(cmd[:4])}: {exc.strerror}") from None
             try:
@@ -722,8 +730,55 @@ def _summary_of(outcome: Outcome) -> str:
     return " ".join(bits)
 
 
+@dataclass
+class _Job:
+    index: int
+    run: Any  # a Plan run
+    config_path: Path
+    run_dir: Path
+
+
+def parse_gpus(text: str | None) -> list[str] | None:
+    """--gpus 0,1,3 -> ["0", "1", "3"] (None: one run at a time on whatever the run sees)."""
+    if text is None:
+        return None
+    gpus = [item.strip() for item in text.split(",") if item.strip()]
+    if not gpus or not all(g.isdigit() for g in gpus) or len(set(gpus)) != len(gpus):
+        raise UserError(f"--gpus: expected distinct GPU indices such as 0,1,2; got {text!r}")
+    return gpus
+
+
+def _on_gpus(jobs: list[_Job], runner: Runner, gpus: list[str]):
+    """Run the jobs one per GPU at a time, in order as GPUs free up; yield (job, gpu, outcome) as each
+    ends. Daemon threads: a study stopped here ends them with it, and each run dies with its
+    thread (PR_SET_PDEATHSIG in _child_setup)."""
+    todo: queue.Queue = queue.Queue()
+    for job in jobs:
+        todo.put(job)
+    done: queue.Queue = queue.Queue()
+
+    def worker(gpu: str) -> None:
+        while True:
+            try:
+                job = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                done.put((job, gpu, runner.run(job.config_path, job.run_dir, gpu=gpu), None))
+            except BaseException as exc:  # re-raised in the study's thread
+                done.put((job, gpu, None, exc))
+
+    for gpu in gpus:
+        threading.Thread(target=worker, args=(gpu,), name=f"memtune-gpu-{gpu}", daemon=True).start()
+    for _ in jobs:
+        job, gpu, outcome, exc = done.get()
+        if exc is not None:
+            raise exc
+        yield job, gpu, outcome
+
+
 def run_study(plan: Plan, out_dir: Path, runner: Runner, *, skip_failed: bool = False,
-              report: bool = True) -> int:
+              report: bool = True, gpus: list[str] | None = None) -> int:
     echo = print
     study = plan.study
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -741,18 +796,8 @@ def run_study(plan: Plan, out_dir: Path, runner: Runner, *, skip_failed: bool = 
                  f"{total - todo} already stored, results in {out_dir / DB_NAME}")
             t_start = time.monotonic()
             counts: dict[str, int] = {}
-            for index, run in enumerate(plan.runs, 1):
-                prefix = f"[{index}/{total} {_fmt_elapsed(time.monotonic() - t_start)}] {run.label}"
-                previous = stored.get(run.config_hash)
-                if previous in FINAL_STATUSES or (skip_failed and previous is not None):
-                    echo(f"{prefix} ... {previous} (stored, skipped)")
-                    counts[previous] = counts.get(previous, 0) + 1
-                    continue
-                config_path = out_dir / "configs" / f"{run.config_hash}.yaml"
-                run_dir = out_dir / "runs" / run.config_hash
-                save_yaml(run.config.replace(out=str(run_dir)), config_path)
-                print(f"{prefix} ...", end=" ", flush=True)
-                outcome = runner.run(config_path, run_dir)
+
+            def record(run: Any, run_dir: Path, outcome: Outcome) -> str:
                 store.record_run(RunRecord(
                     config_hash=run.config_hash, study=study.name, experiments=run.experiments,
                     status=outcome.status, config=run.config.to_dict(), started_at=outcome.started_at,
@@ -761,8 +806,30 @@ def run_study(plan: Plan, out_dir: Path, runner: Runner, *, skip_failed: bool = 
                     versions=versions, git_commit=commit,
                 ))
                 counts[outcome.status] = counts.get(outcome.status, 0) + 1
-                summary = _summary_of(outcome)
-                print(summary, flush=True)
+                return _summary_of(outcome)
+
+            jobs: list[_Job] = []
+            for index, run in enumerate(plan.runs, 1):
+                previous = stored.get(run.config_hash)
+                if previous in FINAL_STATUSES or (skip_failed and previous is not None):
+                    echo(f"[{index}/{total} {_fmt_elapsed(time.monotonic() - t_start)}] {run.label} ... "
+                         f"{previous} (stored, skipped)")
+                    counts[previous] = counts.get(previous, 0) + 1
+                    continue
+                config_path = out_dir / "configs" / f"{run.config_hash}.yaml"
+                run_dir = out_dir / "runs" / run.config_hash
+                save_yaml(run.config.replace(out=str(run_dir)), config_path)
+                jobs.append(_Job(index, run, config_path, run_dir))
+            if gpus:  # one run per GPU at a time; each line when its run ends
+                echo(f"study {study.name}: {len(jobs)} runs over GPUs {','.join(gpus)}, one per GPU at a time")
+                for job, gpu, outcome in _on_gpus(jobs, runner, gpus):
+                    summary = record(job.run, job.run_dir, outcome)
+                    print(f"[{job.index}/{total} {_fmt_elapsed(time.monotonic() - t_start)}] {job.run.label} "
+                          f"(GPU {gpu}) ... {summary}", flush=True)
+            for job in jobs if not gpus else []:
+                print(f"[{job.index}/{total} {_fmt_elapsed(time.monotonic() - t_start)}] {job.run.label} ...",
+                      end=" ", flush=True)
+                print(record(job.run, job.run_dir, runner.run(job.config_path, job.run_dir)), flush=True)
             elapsed = _fmt_elapsed(time.monotonic() - t_start)
             parts = ", ".join(f"{counts[s]} {s}" for s in ("ok", "oom", "error", "timeout") if counts.get(s))
             echo(f"study {study.name}: done in {elapsed}: {parts or 'no runs'}")
@@ -802,6 +869,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="kill a run after this long and record it as timeout (default: no limit)")
     parser.add_argument("--skip-failed", action="store_true",
                         help="keep stored error/timeout rows instead of retrying them")
+    parser.add_argument("--gpus", metavar="LIST",
+                        help="run the configurations one per GPU at a time, e.g. 0,1,2,3 (CUDA_VISIBLE_DEVICES each)")
     parser.add_argument("--train-command", metavar="CMD",
                         help="the command that runs one configuration; gets --config YAML --out DIR "
                              "appended (default: python -m memtune train)")
@@ -862,8 +931,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"[{index}/{len(plan.runs)}] {item.label}  {item.config_hash}{also}")
         print(f"study {study.name}: {len(plan.runs)} runs, all configurations valid; nothing run (--dry-run)")
         return 0
+    gpus = parse_gpus(getattr(args, "gpus", None))
     command = shlex.split(args.train_command) if args.train_command else None
     if args.train_command is not None and not command:
         raise UserError("--train-command: empty command")
     runner = Runner(command, timeout_s=args.run_timeout or None)
-    return run_study(plan, out_dir, runner, skip_failed=args.skip_failed, report=not args.no_report)
+    return run_study(plan, out_dir, runner, skip_failed=args.skip_failed, report=not args.no_report, gpus=gpus)
