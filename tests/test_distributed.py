@@ -220,6 +220,32 @@ def test_each_rank_takes_its_rows_and_the_weights_average_to_one():
     assert scales == pytest.approx([2 * 5 / 6, 2 * 1 / 6]) and sum(scales) == pytest.approx(2)
 
 
+# --- the estimate over several GPUs ----------------------------------------------------------------
+
+def test_per_gpu_estimate_divides_weights_under_fsdp_and_batch_under_both():
+    from memtune.estimate import estimate_memory
+    from memtune.estimate_parallel import estimate_parallel, longest_seq_len
+
+    cfg = RunConfig(model="llama-3.1-8b", seq_len=4096, batch_size=4, lora_rank=16)
+    one = estimate_memory(cfg.replace(batch_size=2))  # one rank's share of the global batch
+    ddp = estimate_parallel(cfg, 2, "ddp")
+    fsdp = estimate_parallel(cfg, 2, "fsdp")
+    assert ddp.local.breakdown == one.breakdown
+    assert ddp.breakdown["ddp_gradient_buckets"] == one.breakdown["gradients"]
+    assert fsdp.breakdown["decoder_weights"] == -(-one.breakdown["decoder_weights"] // 2)
+    assert fsdp.breakdown["optimizer_states"] < one.breakdown["optimizer_states"]
+    assert fsdp.per_gpu_bytes < ddp.per_gpu_bytes < estimate_memory(cfg).total_bytes + ddp.breakdown["ddp_gradient_buckets"]
+    assert fsdp.total_bytes == 2 * fsdp.per_gpu_bytes
+    # 8B in 4 bits on 4 x 4 GiB: it fits sharded (2.0 GiB at 1024 tokens) and not replicated (5.1 GiB)
+    budget = 4 * 2**30
+    assert longest_seq_len(cfg.replace(batch_size=4), 4, budget, "fsdp") is not None
+    assert longest_seq_len(cfg.replace(batch_size=4), 4, budget, "ddp") is None
+    split = estimate_parallel(cfg.replace(strategy="ddp", context_parallel=2, seq_len=8192), 2)
+    assert split.local.seq_len == 4096 and split.notes
+    with pytest.raises(UserError, match="batch_size: 4 is the global batch and must divide into 3"):
+        estimate_parallel(cfg, 3, "ddp")
+
+
 # --- GPUs ---------------------------------------------------------------------------------------
 
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")

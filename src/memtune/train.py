@@ -381,6 +381,8 @@ def run(cfg: RunConfig, out_dir: Path, log: Callable[[str], None] = print, progr
     cfg = plan_speed_budget(cfg, device, log)
     metrics["estimate"] = _estimate(cfg, log, device.type)
     cfg, metrics["estimate"] = plan_host_memory(cfg, metrics["estimate"], device.type, log)
+    if parallel is not None and metrics["estimate"] is not None:
+        metrics["estimate"] = _parallel_estimate(cfg, parallel, device.type, log) or metrics["estimate"]
 
     session = setup(cfg, log, parallel)
     files = RunFiles(out_dir, requested, resume.data_sha256(session.bundle))
@@ -466,6 +468,21 @@ def _parallel_run(cfg: RunConfig, out_dir: Path, log: Callable[[str], None], pro
 
 def _silent(_: str) -> None:
     pass
+
+
+def _parallel_estimate(cfg: RunConfig, parallel: Any, device: str, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """One rank's estimate (memtune.estimate_parallel), in the single-GPU estimate's format: rank 0's
+    measured peaks are the ones metrics.json shows beside it."""
+    from memtune.estimate_parallel import estimate_parallel
+
+    try:
+        est = estimate_parallel(cfg, parallel.world, cfg.strategy, device=device)
+    except UserError as exc:
+        log(f"no per-GPU estimate: {exc}")
+        return None
+    return {"total_bytes": int(est.per_gpu_bytes), "breakdown": {k: int(v) for k, v in est.breakdown.items()},
+            "host_bytes": {k: int(v) for k, v in est.local.host_bytes.items()}, "gpus": est.gpus,
+            "strategy": est.strategy}
 
 
 def _apply_gpu_cap(cfg: RunConfig, log: Callable[[str], None]) -> torch.device:
