@@ -214,8 +214,9 @@ class RunConfig:
     optimizer: Optimizer = "adamw"
     seed: int = 0
     device: Device = "auto"
-    # Several processes under torchrun: single, ddp (replicas, LoRA gradients all-reduced) or fsdp
-    # (FSDP2: weights, LoRA and optimizer sharded). batch_size stays the global batch (memtune.distributed).
+    # Under torchrun: ddp (replicas) or fsdp (FSDP2, weights sharded); single = one process.
+    # ddp all-reduces the LoRA gradients; fsdp shards weights, LoRA and optimizer state.
+    # batch_size stays the global batch, each rank takes its share (memtune.distributed).
     strategy: Strategy = "single"
     # GPUs each sequence is split across (ring attention over SDPA; CUDA and NCCL only). 1 = off.
     context_parallel: int = 1

@@ -56,6 +56,7 @@ class Parallel:
     root: nn.Module | None = None  # the DDP / fully_shard loss module (wrap)
     context: int = 1  # ranks each sequence is split across (--context-parallel); rows go to groups of them
     context_mesh: Any = None  # the DeviceMesh of this rank's context-parallel group
+    param_counts: tuple[int, int] | None = None  # (trainable, total) as counted before wrapping
 
     @property
     def is_main(self) -> bool:
@@ -248,6 +249,9 @@ class LossModule(nn.Module):
 
 def wrap(parallel: Parallel, model: nn.Module, cfg: RunConfig) -> nn.Module:
     """DDP or FSDP2 over the model (built on this rank's device); sets and returns parallel.root."""
+    from memtune.models import count_parameters
+
+    parallel.param_counts = count_parameters(model)
     root = LossModule(model, cfg)
     if parallel.context > 1:
         from torch.distributed.device_mesh import init_device_mesh as mesh_of

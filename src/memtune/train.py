@@ -392,7 +392,9 @@ def run(cfg: RunConfig, out_dir: Path, log: Callable[[str], None] = print, progr
     out_dir.mkdir(parents=True, exist_ok=True)
     save_yaml(session.cfg, out_dir / "config.yaml")  # resolved: auto values filled in
     model = session.built.model
-    trainable, total = count_parameters(model)
+    # counted before FSDP2 sharded them (a sharded 4-bit weight no longer reads as one)
+    counted = getattr(parallel, "param_counts", None)
+    trainable, total = counted or count_parameters(model)
     log(trainable_line(trainable, total))
     metrics.update(trainable_params=trainable, total_params=total,
                    trainable_percent=100 * trainable / total, seq_len=session.bundle.seq_len,

@@ -141,6 +141,11 @@ def print_summary(metrics: dict) -> None:
         if "peak_tensor_bytes" in metrics:
             print(f"peak tensor memory (CPU): {fmt_bytes(metrics['peak_tensor_bytes'])}")
         print(f"peak RSS (CPU process, whole training): {gib(metrics['peak_rss_bytes'])}")
+    if metrics.get("ranks"):  # --strategy: each rank's peak, and the group's total
+        key = "peak_allocated_bytes" if "peak_allocated_bytes" in metrics else "peak_rss_bytes"
+        peaks = ", ".join(gib(r[key]) for r in metrics["ranks"])
+        print(f"{metrics['world_size']} ranks ({metrics.get('strategy')}), {key.removesuffix('_bytes')} per rank: "
+              f"{peaks}; total {gib(sum(r[key] for r in metrics['ranks']))}")
     show = gib if "peak_allocated_bytes" in metrics else fmt_bytes  # a CPU run's few MiB, not 0.00 GiB
     print("memory breakdown:")
     for name, value in metrics["memory_breakdown"].items():
