@@ -129,6 +129,13 @@ def _plot(path: Path, rows: list[dict], preset: str) -> Path | None:
     if series:
         ax_tps.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0.0, -0.15), ncol=2, frameon=False)
     _plot_variants(ax_var, variants, mem_label)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write the figure whole or not at all (a temporary file renamed over the old one), and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
     fig.savefig(tmp, dpi=120, bbox_inches="tight")

@@ -8,10 +8,10 @@ measured peak) are checked per row and the misses named.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from compare_records import fmt, gb, latest_records, load_records
+from compare_report import save_figure
 from memtune.config import write_text_atomic
 
 OTHER_STACKS = ("unsloth", "liger", "seed-autocast")  # in order of preference
@@ -57,8 +57,8 @@ def _compare(mine: dict, other: dict | None, failed: list[dict]) -> dict:
     if error is not None and abs(error) > ESTIMATE_TARGET:
         misses.append(f"estimate {error:+.1%}")
     if not ok:
-        misses.append("not compared (" + ", ".join(f"{r['stack']} {r.get('status')}" for r in (mine, other) if r
-                                                     and r.get("status") != "ok") + ")")
+        why = [f"{r['stack']} {r.get('status')}" for r in (mine, other) if r and r.get("status") != "ok"]
+        misses.append(f"not compared ({', '.join(why) or 'no record of another stack'})")
     return {"family": mine.get("family"), "preset": mine.get("preset"), "seq_len": mine["seq_len"],
             "lora_targets": mine.get("lora_targets"), "lora_rank": mine.get("lora_rank"),
             "gpu_memory_cap": mine.get("gpu_memory_cap"), "memtune": mine, "other": other,
@@ -125,9 +125,4 @@ def _plot(path: Path, rows: list[dict]) -> Path | None:
         ax.tick_params(axis="x", labelsize=7, rotation=45)
         ax.legend(fontsize=8)
         ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)

@@ -208,7 +208,7 @@ def test_every_family_preset_is_a_benchmark_preset_with_its_lora_names():
     assert common.lora_settings({"lora_rank": 16}) == {"r": 16, "alpha": 32, "dropout": 0.0}
 
 
-def _record(stack, preset, alloc, tps, status="ok", estimate=None):
+def _family_record(stack, preset, alloc, tps, status="ok", estimate=None):
     return {"stack": stack, "preset": preset, "family": "llama", "seq_len": 16384, "lora_targets": "all",
             "lora_rank": 16, "mode": "fixed", "status": status, "peak_allocated_bytes": alloc,
             "tokens_per_s": tps, "estimate_bytes": estimate, "error": "boom" if status != "ok" else None}
@@ -217,9 +217,9 @@ def _record(stack, preset, alloc, tps, status="ok", estimate=None):
 def test_the_families_report_compares_against_the_first_stack_that_trained(tmp_path):
     families_report = importlib.import_module("families_report")
     out = tmp_path / "families.json"
-    records = [_record("memtune", "a", 8e9, 9000, estimate=8.2e9), _record("unsloth", "a", 10e9, 8000),
-               _record("memtune", "b", 4e9, 5000, estimate=5e9), _record("unsloth", "b", None, None, "error"),
-               _record("liger", "b", 6e9, 4000)]
+    records = [_family_record("memtune", "a", 8e9, 9000, estimate=8.2e9), _family_record("unsloth", "a", 10e9, 8000),
+               _family_record("memtune", "b", 4e9, 5000, estimate=5e9), _family_record("unsloth", "b", None, None, "error"),
+               _family_record("liger", "b", 6e9, 4000)]
     out.write_text(json.dumps(records))
     rows = {r["preset"]: r for r in families_report.family_rows(records)}
     a, b = rows["a"], rows["b"]
