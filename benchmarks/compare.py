@@ -96,7 +96,8 @@ def run_one(args: argparse.Namespace, stack: str, seq_len: int, model_dir: Path,
         "stack": stack, "seq_len": seq_len, "lora_targets": args.lora_targets,
         "gpu_memory_cap": args.gpu_memory or None,
         "gpu_memory_cap_bytes": parse_size(args.gpu_memory) if args.gpu_memory else None,
-        "preset": args.preset, "family": family_of(args.preset), "lora_rank": args.lora_rank, "mode": mode, "steps": args.steps, "warmup": args.warmup, "seed": args.seed,
+        "preset": args.preset, "family": args.model_type, "lora_rank": args.lora_rank, "mode": mode,
+        "steps": args.steps, "warmup": args.warmup, "seed": args.seed,
         "date": now_iso(), **(repeat or {}),
     }
     work = Path(tempfile.mkdtemp(prefix=f"compare-{stack}-{seq_len}-", dir=args.work_dir))
